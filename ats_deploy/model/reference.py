@@ -1,0 +1,110 @@
+"""Reference implementation of the ATS selection rule (SPEC.md section 2), in plain NumPy.
+
+This is the yardstick every other implementation (the vectorised PyTorch sampler, the portable ONNX
+subgraph, the CUDA kernel and the TensorRT plugin) is checked against. It is written per image with
+explicit loops so that it reads like the rule, not like the optimised code it judges. It needs no torch,
+so the on-device ``verify`` command and the GPU kernel tests can use it too.
+
+The contract (SPEC.md section 4): ``scores`` is [B, n] (slot 0 = CLS, ignored), ``count_in`` is [B]
+(valid slots including CLS, valid slots first). The result is ``indices`` [B, K_out] int32 with
+K_out = min(k_max, n): CLS (0) first, then the kept slots in ascending-score order, then padding (0),
+and ``count_out`` [B] int32 = 1 + K'.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["SelectionDetail", "grid_size", "output_slots", "select_one", "select_reference", "near_boundary"]
+
+
+def grid_size(k_max: int, n_ref: int) -> int:
+    """Number of grid points M = min(K, n_ref) - 1 (the authors' grid has n_ref - 1 points)."""
+    return max(min(int(k_max), int(n_ref)) - 1, 1)
+
+
+def output_slots(k_max: int, n: int) -> int:
+    """Static slot count K_out = min(K, n) of a stage whose input has ``n`` slots."""
+    return min(int(k_max), int(n))
+
+
+@dataclass(frozen=True)
+class SelectionDetail:
+    """Everything the rule computed for one image; used by tests and by the near-boundary check."""
+
+    kept: np.ndarray  # original slot ids (1-based), ascending-score order
+    order: np.ndarray  # slot ids of the valid patches, ascending score, stable by slot
+    cdf: np.ndarray  # normalised CDF F~ in sorted order
+    grid: np.ndarray  # grid points y_j
+    scores: np.ndarray  # normalised scores S in slot order (valid patches only)
+
+
+def select_one(scores_row: np.ndarray, n_valid: int, *, k_max: int, n_ref: int, dtype=np.float64) -> SelectionDetail:
+    """Apply the official rule to one image. ``scores_row`` has the CLS slot at index 0."""
+    m = int(n_valid) - 1  # valid patch count
+    empty = np.zeros(0, dtype=dtype)
+    if m <= 0:
+        return SelectionDetail(np.zeros(0, np.int64), np.zeros(0, np.int64), empty, empty, empty)
+    r = np.asarray(scores_row[1 : m + 1], dtype=dtype)
+    total = r.sum(dtype=dtype)
+    s = r / total if total > 0 else np.full(m, 1.0 / m, dtype=dtype)
+    s = s.astype(dtype)
+    order = np.argsort(s, kind="stable")
+    if m == 1:
+        return SelectionDetail(np.array([1]), order + 1, np.zeros(1, dtype), np.zeros(1, dtype), s)
+    f = np.cumsum(s[order], dtype=dtype)
+    ft = ((f - f[0]) / (f[-1] - f[0])).astype(dtype)
+    c0 = ft[ft > 0].min()
+    big_m = grid_size(k_max, n_ref)
+    j = np.arange(big_m, dtype=dtype)
+    if big_m == 1:
+        ys = np.array([c0], dtype=dtype)
+    else:
+        step = dtype((1 - c0) / dtype(big_m - 1))
+        ys = (c0 + j * step).astype(dtype)
+    picks = set()
+    for y in ys:
+        d = np.abs(y - ft)
+        picks.add(int(np.argmin(d)))  # first minimum: the lower F~ on an exact tie
+    positions = np.array(sorted(picks), dtype=np.int64)
+    return SelectionDetail(order[positions] + 1, order + 1, ft, ys, s)
+
+
+def select_reference(
+    scores: np.ndarray, count_in: np.ndarray, *, k_max: int, n_ref: int, dtype=np.float64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Batch form of the rule with the sampler contract's outputs (indices [B, K_out], count_out [B])."""
+    scores = np.asarray(scores)
+    b, n = scores.shape
+    k_out = output_slots(k_max, n)
+    indices = np.zeros((b, k_out), dtype=np.int32)
+    count_out = np.ones(b, dtype=np.int32)
+    for i in range(b):
+        n_valid = int(min(max(int(count_in[i]), 1), n))
+        kept = select_one(scores[i], n_valid, k_max=k_max, n_ref=n_ref, dtype=dtype).kept
+        kept = kept[: k_out - 1]
+        indices[i, 1 : 1 + len(kept)] = kept
+        count_out[i] = 1 + len(kept)
+    return indices, count_out
+
+
+def near_boundary(scores_row: np.ndarray, n_valid: int, *, k_max: int, n_ref: int, rtol: float = 1e-5) -> bool:
+    """True where SPEC.md allows implementations to disagree with the float64 rule.
+
+    That is: a grid point lies within ``rtol`` (relative) of a decision boundary (the midpoint of two
+    neighbouring F~ values), or two valid scores differ by less than rtol * max(the larger, 1/(n_valid-1)).
+    """
+    d = select_one(scores_row, n_valid, k_max=k_max, n_ref=n_ref, dtype=np.float64)
+    m = len(d.order)
+    if m < 2:
+        return False
+    s_sorted = np.sort(d.scores)
+    gaps = np.diff(s_sorted)
+    floor = 1.0 / m
+    if np.any(gaps < rtol * np.maximum(s_sorted[1:], floor)):
+        return True
+    mids = (d.cdf[1:] + d.cdf[:-1]) / 2
+    dist = np.abs(d.grid[:, None] - mids[None, :])
+    return bool(np.any(dist <= rtol * np.maximum(np.abs(mids[None, :]), 1e-12)))
