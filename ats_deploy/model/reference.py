@@ -6,7 +6,11 @@ explicit loops so that it reads like the rule, not like the optimised code it ju
 so the on-device ``verify`` command and the GPU kernel tests can use it too.
 
 The contract (SPEC.md section 4): ``scores`` is [B, n] (slot 0 = CLS, ignored), ``count_in`` is [B]
-(valid slots including CLS, valid slots first). The result is ``indices`` [B, K_out] int32 with
+(valid slots including CLS, valid slots first). Scores need not be normalised: the normalised CDF is
+invariant to their scale, so implementations run the cumulative sum on the raw scores in float32,
+sequentially in ascending-score order, then F~ = (F - F_0) / (F_last - F_0), c0 = min positive F~,
+step = (1 - c0) / (M - 1), y_j = c0 + j * step (no fused multiply-add), pick = first argmin |y_j - F~|.
+That fixes every float32 rounding, so float32 implementations agree bit for bit. The result is ``indices`` [B, K_out] int32 with
 K_out = min(k_max, n): CLS (0) first, then the kept slots in ascending-score order, then padding (0),
 and ``count_out`` [B] int32 = 1 + K'.
 """
@@ -48,13 +52,15 @@ def select_one(scores_row: np.ndarray, n_valid: int, *, k_max: int, n_ref: int, 
     if m <= 0:
         return SelectionDetail(np.zeros(0, np.int64), np.zeros(0, np.int64), empty, empty, empty)
     r = np.asarray(scores_row[1 : m + 1], dtype=dtype)
-    total = r.sum(dtype=dtype)
-    s = r / total if total > 0 else np.full(m, 1.0 / m, dtype=dtype)
-    s = s.astype(dtype)
-    order = np.argsort(s, kind="stable")
+    if not r.max() > 0:  # sum(r) = 0 (or nothing usable): all-equal scores
+        r = np.ones(m, dtype=dtype)
+    # F~ is invariant to the scale of r, so the CDF runs on the raw scores: no order-dependent sum
+    # (and no division) before the cumsum, which lets every float32 implementation match bit for bit.
+    s = r / r.sum()
+    order = np.argsort(r, kind="stable")
     if m == 1:
         return SelectionDetail(np.array([1]), order + 1, np.zeros(1, dtype), np.zeros(1, dtype), s)
-    f = np.cumsum(s[order], dtype=dtype)
+    f = np.cumsum(r[order], dtype=dtype)
     ft = ((f - f[0]) / (f[-1] - f[0])).astype(dtype)
     c0 = ft[ft > 0].min()
     big_m = grid_size(k_max, n_ref)
