@@ -1,0 +1,89 @@
+"""The official ATS selection rule (SPEC.md section 2) as batched, static-shape PyTorch ops.
+
+This is the eager sampler used by the PyTorch model. The portable ONNX subgraph in
+``ats_deploy.exporters.onnx`` emits the same sequence of operations (stable ascending sort with invalid
+slots pushed to the end, sequential float32 cumsum, min-max normalisation, grid, first-argmin nearest
+lookup, de-duplication by flags, compaction by a running count), so both agree with each other and with
+the NumPy reference in ``reference.py`` bit for bit away from decision boundaries.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .reference import grid_size, output_slots
+
+__all__ = ["BIG", "token_scores", "select_tokens"]
+
+BIG = 1.0e30  # stands in for +inf on invalid slots (finite, so no inf/nan can leak into a graph)
+
+
+def token_scores(cls_attn: Tensor, v: Tensor) -> Tensor:
+    """Authors' significance score r_j = (sum_h A_h[0, j]) * ||V_j||_2, in float32.
+
+    ``cls_attn`` is the CLS row of the softmax attention, [B, H, n]; ``v`` is [B, H, n, d]. The value
+    norm is over all heads concatenated (length C), not a sum of per-head norms.
+    """
+    b, h, n, d = v.shape
+    v_cat = v.float().transpose(1, 2).reshape(b, n, h * d)
+    return cls_attn.float().sum(dim=1) * torch.linalg.vector_norm(v_cat, ord=2, dim=-1)
+
+
+def select_tokens(scores: Tensor, count_in: Tensor, *, k_max: int, n_ref: int) -> tuple[Tensor, Tensor]:
+    """Select tokens per image: the sampler contract of SPEC.md section 4.
+
+    Args:
+        scores: [B, n] float32 scores (slot 0, the CLS token, is ignored). Need not be normalised.
+        count_in: [B] number of valid slots including CLS (valid slots come first).
+        k_max: the budget K (CLS included); output has K_out = min(K, n) slots.
+        n_ref: the model's input token count (197 for 224/16); the grid has min(K, n_ref) - 1 points.
+
+    Returns:
+        indices [B, K_out] int64 (CLS first, kept slots in ascending-score order, padding 0) and
+        count_out [B] int64 (1 + K').
+    """
+    scores = scores.float()
+    b, n = scores.shape
+    k_out = output_slots(k_max, n)
+    dev = scores.device
+    p = n - 1
+    count_in = count_in.to(torch.int64).clamp(1, n)
+    if p == 0:
+        return torch.zeros(b, k_out, dtype=torch.int64, device=dev), torch.ones(b, dtype=torch.int64, device=dev)
+    slot = torch.arange(1, n, device=dev)
+    valid = slot[None, :] < count_in[:, None]  # [B, P] in slot order
+    m = valid.sum(dim=1)  # valid patch count
+    r = torch.where(valid, scores[:, 1:], torch.zeros((), device=dev))
+    all_zero = ~(r.amax(dim=1, keepdim=True) > 0)
+    r = torch.where(all_zero & valid, torch.ones((), device=dev), r)
+    key = torch.where(valid, r, torch.full((), BIG, device=dev))
+    _, order = torch.sort(key, dim=1, stable=True)  # ascending, ties by slot, invalid last
+    r_sorted = torch.gather(r, 1, order)
+    pos = torch.arange(p, device=dev)
+    valid_sorted = pos[None, :] < m[:, None]
+    cdf = torch.cumsum(r_sorted, dim=1)
+    f0 = cdf[:, :1]
+    f_last = torch.gather(cdf, 1, (m - 1).clamp(min=0)[:, None])
+    span = f_last - f0
+    ft = (cdf - f0) / torch.where(span > 0, span, torch.ones((), device=dev))
+    positive = valid_sorted & (ft > 0)
+    c0 = torch.where(positive, ft, torch.full((), BIG, device=dev)).amin(dim=1, keepdim=True)
+    c0 = torch.where(c0 < BIG, c0, torch.zeros((), device=dev))  # m <= 1: no positive F~
+    big_m = grid_size(k_max, n_ref)
+    step = (1.0 - c0) / float(max(big_m - 1, 1)) if big_m > 1 else torch.zeros_like(c0)
+    j = torch.arange(big_m, device=dev, dtype=torch.float32)
+    ys = c0 + j[None, :] * step  # [B, M]; two separate ops, never a fused multiply-add
+    dist = torch.abs(ys[:, :, None] - ft[:, None, :])
+    dist = torch.where(valid_sorted[:, None, :], dist, torch.full((), BIG, device=dev))
+    pick = torch.argmin(dist, dim=2)  # first minimum = lower F~ on an exact tie
+    picked = torch.zeros(b, p, dtype=torch.bool, device=dev).scatter_(1, pick, True) & valid_sorted
+    rank = torch.cumsum(picked.to(torch.int64), dim=1)  # 1-based output slot of each kept token
+    keep = picked & (rank < k_out)
+    target = torch.where(keep, rank, torch.full((), k_out, device=dev, dtype=torch.int64))
+    indices = torch.zeros(b, k_out + 1, dtype=torch.int64, device=dev)
+    indices.scatter_(1, target, order + 1)
+    indices = indices[:, :k_out].clone()
+    indices[:, 0] = 0
+    count_out = 1 + keep.sum(dim=1)
+    return indices, count_out
