@@ -12,44 +12,48 @@ __all__ = ["PRESETS", "preset"]
 _INCEPTION = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # timm's augreg ViT normalisation
 
 
+def _cfg(overrides: dict, **defaults) -> ViTConfig:
+    return ViTConfig(**{**defaults, **overrides})
+
+
 def deit_tiny_patch16_224(**kw) -> ViTConfig:
-    return ViTConfig(embed_dim=192, depth=12, num_heads=3, **kw)
+    return _cfg(kw, embed_dim=192, depth=12, num_heads=3)
 
 
 def deit_small_patch16_224(**kw) -> ViTConfig:
-    return ViTConfig(embed_dim=384, depth=12, num_heads=6, **kw)
+    return _cfg(kw, embed_dim=384, depth=12, num_heads=6)
 
 
 def deit_base_patch16_224(**kw) -> ViTConfig:
-    return ViTConfig(embed_dim=768, depth=12, num_heads=12, **kw)
+    return _cfg(kw, embed_dim=768, depth=12, num_heads=12)
 
 
 def deit_base_patch16_384(**kw) -> ViTConfig:
-    return ViTConfig(img_size=384, embed_dim=768, depth=12, num_heads=12, **kw)
+    return _cfg(kw, img_size=384, embed_dim=768, depth=12, num_heads=12)
 
 
 def vit_small_patch16_224(**kw) -> ViTConfig:
-    return ViTConfig(embed_dim=384, depth=12, num_heads=6, **{**_INCEPTION, **kw})
+    return _cfg(kw, embed_dim=384, depth=12, num_heads=6, **_INCEPTION)
 
 
 def vit_small_patch16_384(**kw) -> ViTConfig:
-    return ViTConfig(img_size=384, embed_dim=384, depth=12, num_heads=6, **{**_INCEPTION, **kw})
+    return _cfg(kw, img_size=384, embed_dim=384, depth=12, num_heads=6, **_INCEPTION)
 
 
 def vit_base_patch16_224(**kw) -> ViTConfig:
-    return ViTConfig(embed_dim=768, depth=12, num_heads=12, **{**_INCEPTION, **kw})
+    return _cfg(kw, embed_dim=768, depth=12, num_heads=12, **_INCEPTION)
 
 
 def vit_base_patch16_384(**kw) -> ViTConfig:
-    return ViTConfig(img_size=384, embed_dim=768, depth=12, num_heads=12, **{**_INCEPTION, **kw})
+    return _cfg(kw, img_size=384, embed_dim=768, depth=12, num_heads=12, **_INCEPTION)
 
 
 def vit_large_patch16_224(**kw) -> ViTConfig:
-    return ViTConfig(embed_dim=1024, depth=24, num_heads=16, **{**_INCEPTION, **kw})
+    return _cfg(kw, embed_dim=1024, depth=24, num_heads=16, **_INCEPTION)
 
 
 def vit_large_patch16_384(**kw) -> ViTConfig:
-    return ViTConfig(img_size=384, embed_dim=1024, depth=24, num_heads=16, **{**_INCEPTION, **kw})
+    return _cfg(kw, img_size=384, embed_dim=1024, depth=24, num_heads=16, **_INCEPTION)
 
 
 PRESETS: dict[str, Callable[..., ViTConfig]] = {

@@ -1,0 +1,212 @@
+"""Build the ViT + ATS ONNX graph from a checkpoint's weights (no tracing).
+
+Inputs: ``pixels`` [B, 3, H, W] float32 (normalised as the manifest says).
+Outputs: ``logits`` [B, classes] float32; per ATS block i: ``tokens_<i>`` [B, K_out] int64 (original token
+ids in the block's output slots, padding 0) and ``count_<i>`` [B] int32 (valid slots incl. prefix tokens).
+
+The graph does exactly what :class:`ats_deploy.model.vit.VisionTransformer` does: the sampler (portable or
+plugin form, identical surroundings) selects, the graph gathers query rows, tokens and token ids, and
+masks padded keys with a large finite negative in later blocks. The score path is float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx
+
+from .. import __version__
+from ..model.config import ATSConfig, ViTConfig
+from ..model.reference import output_slots
+from ..model.vit import MASK_VALUE
+from .graph import FLOAT, INT32, INT64, Dim, GraphBuilder
+from .sampler import _reduce, emit_sampler
+
+__all__ = ["GraphOptions", "build_graph", "DEFAULT_OPSET", "output_names"]
+
+DEFAULT_OPSET = 17  # LayerNormalization exists from 17; TensorRT 10.3 (JetPack 6.1) parses it
+SamplerForm = Literal["portable", "plugin"]
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    """Settings that change the exported graph (and therefore any engine built from it)."""
+
+    batch: int = 1
+    dynamic_batch: bool = False
+    sampler: SamplerForm = "portable"
+    opset: int = DEFAULT_OPSET
+
+
+def output_names(ats: ATSConfig) -> list[str]:
+    names = ["logits"]
+    for b in ats.blocks:
+        names += [f"tokens_{b}", f"count_{b}"]
+    return names
+
+
+class _VitEmitter:
+    def __init__(self, g: GraphBuilder, cfg: ViTConfig, sd: dict[str, np.ndarray], ats: ATSConfig, opts: GraphOptions):
+        self.g, self.cfg, self.sd, self.ats, self.opts = g, cfg, sd, ats, opts
+        self.scale = g.const(cfg.head_dim**-0.5, "float32")
+
+    # -- layers ---------------------------------------------------------------------------------
+    def weight(self, name: str, *, transpose: bool = False) -> str:
+        arr = self.sd[name]
+        if transpose:
+            return self.g.initializer(name + ".T", np.ascontiguousarray(arr.T))
+        return self.g.initializer(name, arr)
+
+    def linear(self, x: str, prefix: str) -> str:
+        y = self.g.op("MatMul", x, self.weight(prefix + ".weight", transpose=True))
+        if prefix + ".bias" in self.sd:
+            y = self.g.op("Add", y, self.weight(prefix + ".bias"))
+        return y
+
+    def layer_norm(self, x: str, prefix: str) -> str:
+        w, b = self.weight(prefix + ".weight"), self.weight(prefix + ".bias")
+        return self.g.op("LayerNormalization", x, w, b, axis=-1, epsilon=self.cfg.norm_eps)
+
+    def gelu(self, x: str) -> str:
+        g = self.g
+        if g.opset >= 20:
+            return g.op("Gelu", x)
+        inner = g.op("Erf", g.op("Div", x, g.const(np.sqrt(2.0), "float32")))
+        return g.op("Mul", g.op("Mul", x, g.const(0.5, "float32")), g.op("Add", inner, g.const(1.0, "float32")))
+
+    def heads(self, t: str, *, transpose_k: bool = False) -> str:
+        """[B, n, C] -> [B, H, n, d] (or [B, H, d, n] for keys)."""
+        c = self.cfg
+        r = self.g.op("Reshape", t, self.g.const([0, 0, c.num_heads, c.head_dim]))
+        return self.g.op("Transpose", r, perm=[0, 2, 3, 1] if transpose_k else [0, 2, 1, 3])
+
+    def merge(self, t: str) -> str:
+        tr = self.g.op("Transpose", t, perm=[0, 2, 1, 3])
+        return self.g.op("Reshape", tr, self.g.const([0, 0, self.cfg.embed_dim]))
+
+    def attend(self, q: str, k_t: str, v: str, bias: str | None) -> str:
+        g = self.g
+        logits = g.op("Mul", g.op("MatMul", q, k_t), self.scale)
+        if bias is not None:
+            logits = g.op("Add", logits, bias)
+        return g.op("MatMul", g.op("Softmax", logits, axis=-1), v)
+
+    def mlp(self, x: str, prefix: str) -> str:
+        h = self.layer_norm(x, prefix + ".norm2")
+        return self.g.op("Add", x, self.linear(self.gelu(self.linear(h, prefix + ".mlp.fc1")), prefix + ".mlp.fc2"))
+
+    # -- graph ----------------------------------------------------------------------------------
+    def embed(self, pixels: str) -> tuple[str, str]:
+        g, c = self.g, self.cfg
+        w, b = self.weight("patch_embed.proj.weight"), self.weight("patch_embed.proj.bias")
+        pe = g.op("Conv", pixels, w, b, kernel_shape=[c.patch_size] * 2, strides=[c.patch_size] * 2)
+        pe = g.op("Transpose", g.op("Reshape", pe, g.const([0, c.embed_dim, -1])), perm=[0, 2, 1])  # [B, N, C]
+        batch = g.shape_of(pixels, 0)
+        prefix_shape = g.op("Concat", batch, g.const([1, c.embed_dim]), axis=0)
+        parts = [g.op("Expand", self.weight("cls_token"), prefix_shape)]
+        if c.distilled:
+            parts.append(g.op("Expand", self.weight("dist_token"), prefix_shape))
+        x = g.op("Add", g.op("Concat", *parts, pe, axis=1), self.weight("pos_embed"))
+        return x, batch
+
+    def block(self, i: int, x: str, count: str, n: Dim, bias: str | None):
+        g, c = self.g, self.cfg
+        p = f"blocks.{i}"
+        g.scope = p + "/"
+        qkv = self.linear(self.layer_norm(x, p + ".norm1"), p + ".attn.qkv")
+        q_all, k_all, v_all = g.op("Split", qkv, g.const([c.embed_dim] * 3), axis=2, outputs=3)
+        k_t, v = self.heads(k_all, transpose_k=True), self.heads(v_all)
+        k_max = self.ats.k_for(i)
+        if k_max is None:
+            out = self.attend(self.heads(q_all), k_t, v, bias)
+            x = g.op("Add", x, self.linear(self.merge(out), p + ".attn.proj"))
+            return self.mlp(x, p), None, None
+        # Scores from the CLS query row, in float32.
+        q_cls = self.heads(g.op("Slice", q_all, g.const([0]), g.const([1]), g.const([1])))
+        logits = g.op("Mul", g.op("MatMul", q_cls, k_t), self.scale)
+        if bias is not None:
+            logits = g.op("Add", logits, bias)
+        attn = g.cast(g.op("Softmax", logits, axis=-1), FLOAT)  # [B, H, 1, n]
+        cls_attn = g.op("Squeeze", _reduce(g, "ReduceSum", attn, [1], keepdims=0), g.const([1]))  # [B, n]
+        v_norm = _reduce(g, "ReduceL2", g.cast(v_all, FLOAT), [2], keepdims=0)  # [B, n]
+        scores = g.op("Mul", cls_attn, v_norm)
+        idx, count_out = self.sample(scores, count, n, k_max)
+        idx3 = g.op("Unsqueeze", g.cast(idx, INT64), g.const([2]))  # [B, K, 1]
+        q_sel = self.heads(g.op("GatherND", q_all, idx3, batch_dims=1))
+        out = self.attend(q_sel, k_t, v, bias)
+        x = g.op("Add", g.op("GatherND", x, idx3, batch_dims=1), self.linear(self.merge(out), p + ".attn.proj"))
+        return self.mlp(x, p), idx, count_out
+
+    def sample(self, scores: str, count: str, n: Dim, k_max: int) -> tuple[str, str]:
+        g = self.g
+        kw = dict(k_max=k_max, n_ref=self.cfg.n_ref, mode=self.ats.shape_mode, form=self.opts.sampler)
+        if not self.cfg.distilled:
+            return emit_sampler(g, scores, count, n=n, **kw)
+        # Distilled DeiT: the sampler sees CLS + patches; the distillation token is kept after CLS.
+        ax1 = g.const([1])
+        s = g.op("Concat", g.op("Slice", scores, g.const([0]), ax1, ax1), g.op("Slice", scores, g.const([2]), g.const([2**62]), ax1), axis=1)
+        n_s: Dim = n - 1 if isinstance(n, int) else g.op("Sub", n, g.const([1]))
+        idx, cnt = emit_sampler(g, s, g.op("Sub", count, g.const(1, "int32")), n=n_s, **kw)
+        idx = g.op("Where", g.op("Greater", idx, g.const(0, "int32")), g.op("Add", idx, g.const(1, "int32")), idx)
+        first = g.op("Slice", idx, g.const([0]), ax1, ax1)
+        rest = g.op("Slice", idx, ax1, g.const([2**62]), ax1)
+        idx = g.op("Concat", first, g.op("Add", g.op("Mul", first, g.const(0, "int32")), g.const(1, "int32")), rest, axis=1)
+        return idx, g.op("Add", cnt, g.const(1, "int32"))
+
+    def key_bias(self, count: str, n: Dim) -> str:
+        """[B, 1, 1, n] additive mask: 0 on valid keys, a large finite negative on padding."""
+        g = self.g
+        slots = g.arange(0, n)
+        valid = g.op("Less", g.op("Unsqueeze", slots, g.const([0])), g.op("Unsqueeze", g.cast(count, INT64), g.const([1])))
+        bias = g.op("Where", valid, g.const(0.0, "float32"), g.const(MASK_VALUE, "float32"))
+        return g.op("Unsqueeze", bias, g.const([1, 2]))
+
+    def build(self) -> None:
+        g, c, opts = self.g, self.cfg, self.opts
+        batch_dim: int | str = "batch" if opts.dynamic_batch else opts.batch
+        pixels = g.input("pixels", FLOAT, [batch_dim, c.in_chans, c.img_size, c.img_size])
+        x, batch = self.embed(pixels)
+        n: Dim = c.num_tokens
+        count = g.op("Expand", g.const([c.num_tokens], "int32"), batch)  # [B] int32
+        ids = g.op("Expand", g.const([list(range(c.num_tokens))]), g.op("Concat", batch, g.const([c.num_tokens]), axis=0))
+        bias = None
+        for i in range(c.depth):
+            x, idx, count_out = self.block(i, x, count, n, bias)
+            if idx is None:
+                continue
+            g.scope = f"blocks.{i}/"
+            ids = g.op("GatherElements", ids, g.cast(idx, INT64), axis=1)
+            count = count_out
+            if self.ats.shape_mode == "dynamic":
+                n = g.shape_of(idx, 1)
+                k_dim: int | str = f"s_{i}"
+            else:
+                extra = c.num_prefix_tokens - 1  # a distillation token rides along outside the sampler
+                n = output_slots(self.ats.k_for(i) or 0, int(n) - extra) + extra
+                k_dim = n
+            g.op("Identity", ids, outputs=[f"tokens_{i}"])
+            g.op("Identity", count, outputs=[f"count_{i}"])
+            g.output(f"tokens_{i}", INT64, [batch_dim, k_dim])
+            g.output(f"count_{i}", INT32, [batch_dim])
+            bias = self.key_bias(count, n)
+        g.scope = "head/"
+        x = self.layer_norm(x, "norm")
+        cls = g.op("Gather", x, g.const(0), axis=1)
+        logits = self.linear(cls, "head")
+        if c.distilled:
+            dist = self.linear(g.op("Gather", x, g.const(1), axis=1), "head_dist")
+            logits = g.op("Mul", g.op("Add", logits, dist), g.const(0.5, "float32"))
+        g.op("Identity", logits, outputs=["logits"])
+        g.outputs.insert(0, onnx.helper.make_tensor_value_info("logits", FLOAT, [batch_dim, c.num_classes]))
+
+
+def build_graph(
+    cfg: ViTConfig, state_dict: dict[str, np.ndarray], ats: ATSConfig, opts: GraphOptions | None = None
+) -> onnx.ModelProto:
+    """The float32 ONNX model of ``cfg`` with ``state_dict`` and ``ats`` (dense when ``ats`` has no blocks)."""
+    opts = opts or GraphOptions()
+    g = GraphBuilder("ats_vit" if ats.enabled else "vit", opset=opts.opset)
+    _VitEmitter(g, cfg, state_dict, ats, opts).build()
+    return g.model(producer="ats-deploy", version=__version__)
