@@ -24,8 +24,10 @@ def default_config() -> ViTConfig:
     return deit_tiny_patch16_224(num_classes=1000)
 
 
-def default_checkpoint(seed: int = DEFAULT_SEED, cfg: ViTConfig | None = None) -> LoadedCheckpoint:
-    """Seeded weights for ``cfg`` (default: DeiT-Ti), in timm key names."""
+def default_checkpoint(
+    seed: int = DEFAULT_SEED, cfg: ViTConfig | None = None, *, qk_gain: float = QK_GAIN
+) -> LoadedCheckpoint:
+    """Seeded weights for ``cfg`` (default: DeiT-Ti), in timm key names; reproducible on any platform."""
     cfg = cfg or default_config()
     rng = np.random.default_rng(seed)
     c = cfg.embed_dim
@@ -43,6 +45,6 @@ def default_checkpoint(seed: int = DEFAULT_SEED, cfg: ViTConfig | None = None) -
         else:
             arr = rng.normal(0.0, 1.0 / np.sqrt(shape[-1]), shape)
             if key.endswith("attn.qkv.weight"):
-                arr[: 2 * c] *= QK_GAIN
+                arr[: 2 * c] *= qk_gain
         sd[key] = arr.astype(np.float32)
     return LoadedCheckpoint(cfg, sd, f"embedded default (untrained, seed {seed})")
