@@ -1,0 +1,1 @@
+"""Input data: image folders and .npy arrays, preprocessed per the manifest."""

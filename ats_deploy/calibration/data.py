@@ -1,0 +1,148 @@
+"""Load user inputs: a folder of images (PNG/JPEG) or .npy arrays, preprocessed as the manifest says.
+
+Images follow timm/DeiT evaluation preprocessing: convert to RGB (grey, palette, RGBA and 16-bit images
+are converted, not refused), resize the shorter side to size / crop_pct (bicubic), centre-crop to
+size x size, scale to [0, 1], normalise with mean/std, NCHW float32. ``.npy`` files hold already
+preprocessed float arrays [N, 3, H, W] or [3, H, W].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+
+__all__ = ["Preprocess", "load_inputs", "load_images", "load_npy", "random_inputs", "IMAGE_SUFFIXES"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What the exported graph expects its ``pixels`` input to be (recorded in the manifest)."""
+
+    size: int = 224
+    channels: int = 3
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+
+    def to_dict(self) -> dict:
+        return {
+            "size": self.size,
+            "channels": self.channels,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "crop_pct": self.crop_pct,
+            "interpolation": self.interpolation,
+            "layout": "NCHW",
+            "dtype": "float32",
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        return cls(
+            size=int(d["size"]),
+            channels=int(d.get("channels", 3)),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            crop_pct=float(d.get("crop_pct", 0.875)),
+            interpolation=str(d.get("interpolation", "bicubic")),
+        )
+
+
+def _image_to_array(path: Path, pre: Preprocess) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr16 = np.asarray(im, dtype=np.float32)
+                im = Image.fromarray(np.clip(arr16 / max(arr16.max(), 1.0) * 255.0, 0, 255).astype(np.uint8))
+            if im.mode in ("RGBA", "LA", "P"):
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, im)
+            im = im.convert("RGB")
+            short = min(im.size)
+            scale = pre.size / pre.crop_pct / short
+            new = (max(pre.size, round(im.size[0] * scale)), max(pre.size, round(im.size[1] * scale)))
+            im = im.resize(new, Image.Resampling.BICUBIC)
+            left, top = (new[0] - pre.size) // 2, (new[1] - pre.size) // 2
+            im = im.crop((left, top, left + pre.size, top + pre.size))
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None  # type: ignore[return-value]
+    arr = (arr - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    return arr.transpose(2, 0, 1)
+
+
+def load_images(folder: Path, pre: Preprocess, *, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """All readable images in ``folder`` (sorted by name), preprocessed; unreadable files are skipped."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    arrays, names = [], []
+    for f in files:
+        a = _image_to_array(f, pre)
+        if a is not None:
+            arrays.append(a)
+            names.append(f.name)
+        if limit and len(arrays) >= limit:
+            break
+    if not arrays:
+        raise InputError(
+            f"no readable image in {folder} (looked for {', '.join(IMAGE_SUFFIXES)}); "
+            "put PNG/JPEG files there or pass .npy arrays"
+        )
+    return np.stack(arrays).astype(np.float32), names
+
+
+def load_npy(path: Path, pre: Preprocess) -> np.ndarray:
+    """A preprocessed array [N, C, H, W] or [C, H, W] from ``path``."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"cannot read {path} as a .npy array ({str(exc)[:80]}); save it with numpy.save") from None
+    if arr.ndim == 3:
+        arr = arr[None]
+    want = (pre.channels, pre.size, pre.size)
+    if arr.ndim != 4 or tuple(arr.shape[1:]) != want:
+        raise InputError(
+            f"{path} has shape {list(arr.shape)}, expected [N, {want[0]}, {want[1]}, {want[2]}] "
+            "(NCHW, preprocessed); resize and transpose it first"
+        )
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise InputError(f"{path} has dtype {arr.dtype}; pass normalised floating-point pixels (float32)")
+    return arr.astype(np.float32)
+
+
+def load_inputs(path: str | Path, pre: Preprocess, *, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """Inputs from an image folder, a folder of .npy files, a single .npy file or a single image."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"input {p} does not exist; pass an image folder, a .npy file or a folder of .npy files")
+    if p.is_file():
+        if p.suffix == ".npy":
+            arr = load_npy(p, pre)
+            return arr[:limit] if limit else arr, [f"{p.name}[{i}]" for i in range(len(arr))][: limit or None]
+        a = _image_to_array(p, pre)
+        if a is None:
+            raise InputError(f"{p} is not a readable image or .npy file; pass PNG/JPEG or a .npy array")
+        return a[None], [p.name]
+    npys = sorted(p.glob("*.npy"))
+    if npys:
+        arrs = [load_npy(f, pre) for f in npys]
+        names = [f"{f.name}[{i}]" for f, a in zip(npys, arrs) for i in range(len(a))]
+        arr = np.concatenate(arrs)
+        return (arr[:limit], names[:limit]) if limit else (arr, names)
+    return load_images(p, pre, limit=limit)
+
+
+def random_inputs(n: int, pre: Preprocess, *, seed: int = 0) -> np.ndarray:
+    """Standard-normal pixels (what normalised natural images roughly look like to the network)."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, pre.channels, pre.size, pre.size)).astype(np.float32)

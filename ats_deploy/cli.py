@@ -1,0 +1,245 @@
+"""Command line: one command per verb, each a thin layer (parse -> call the library -> emit).
+
+``--json`` writes one JSON document to stdout; human output goes to stdout, progress and logs to stderr.
+Exit codes: 0 ok, 1 user error (one line, no traceback), 2 usage error, 3 a parity or latency gate failed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from .errors import AtsDeployError, GateFailed
+
+app = typer.Typer(
+    name="ats-deploy",
+    help="Ship Vision Transformers with Adaptive Token Sampling (ATS) to NVIDIA Jetson.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+plugin_app = typer.Typer(help="The AdaptiveTokenSampler TensorRT plugin.", no_args_is_help=True)
+app.add_typer(plugin_app, name="plugin")
+
+# Shared option aliases (fastapi-cli habit).
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow unpickling arbitrary objects (runs code from the file).")]
+HeadsOpt = Annotated[Optional[int], typer.Option("--heads", help="Attention heads (default: embed_dim // 64).")]
+MaxKOpt = Annotated[
+    Optional[str], typer.Option("--max-k", help="K per ATS block (CLS included): one integer or a comma list (default: token count).")
+]
+BlocksOpt = Annotated[
+    Optional[str], typer.Option("--ats-blocks", help="ATS block indices, e.g. 3-11 or 3,5,7 (default: paper placement); 'none' = dense.")
+]
+ShapeOpt = Annotated[str, typer.Option("--shape", help="static (fixed K_out slots + count) or dynamic (slice to the batch's max count).")]
+
+
+def _emit_error(exc: AtsDeployError) -> None:
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    typer.echo(f"error: {msg}", err=True)
+
+
+def handle_errors(fn):
+    """Turn library errors into one line on stderr and the error's exit code (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GateFailed as exc:
+            _emit_error(exc)
+            raise typer.Exit(exc.exit_code) from None
+        except AtsDeployError as exc:
+            _emit_error(exc)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted; nothing was left half-written", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _print_json(data) -> None:
+    typer.echo(json.dumps(data, indent=2, default=_jsonable))
+
+
+def _jsonable(o):
+    import numpy as np
+
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def _load(model: Optional[Path], *, trust_pickle: bool, heads: Optional[int]):
+    """A user checkpoint, or the embedded default model when none is given; plus its source record."""
+    from .exporters.export import sha256_file
+    from .model.checkpoints import load_checkpoint
+    from .model.default import DEFAULT_SEED, QK_GAIN, default_checkpoint
+
+    if model is None:
+        ck = default_checkpoint()
+        return ck, {"kind": "embedded", "name": "deit_tiny_patch16_224 (untrained)", "seed": DEFAULT_SEED, "qk_gain": QK_GAIN}
+    ck = load_checkpoint(model, trust_pickle=trust_pickle, heads=heads)
+    return ck, {"kind": "checkpoint", "path": str(Path(model).resolve()), "sha256": sha256_file(model)}
+
+
+def _ats(cfg, ats_blocks: Optional[str], max_k: Optional[str], shape: str):
+    from .model.config import resolve_ats
+
+    if ats_blocks is not None and ats_blocks.strip().lower() in ("none", "dense", ""):
+        return resolve_ats(cfg, blocks=(), shape_mode=shape)
+    return resolve_ats(cfg, blocks=ats_blocks, max_k=max_k, shape_mode=shape)
+
+
+@app.command()
+@handle_errors
+def export(
+    model: Annotated[Optional[Path], typer.Argument(help="Checkpoint (.pt/.pth/.safetensors); omit for the embedded default.")] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output directory.")] = Path("out"),
+    max_k: MaxKOpt = None,
+    ats_blocks: BlocksOpt = None,
+    shape: ShapeOpt = "static",
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Static batch size of the graph.")] = 1,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension dynamic.")] = False,
+    sampler: Annotated[str, typer.Option("--sampler", help="portable (standard ops) or plugin (also writes model.plugin.onnx).")] = "portable",
+    opset: Annotated[int, typer.Option("--opset", min=17, max=23, help="ONNX opset (>= 17 for LayerNormalization).")] = 17,
+    heads: HeadsOpt = None,
+    trust_pickle: TrustOpt = False,
+    parity_count: Annotated[int, typer.Option("--parity-inputs", min=0, help="Random inputs for the PyTorch vs ONNX Runtime check.")] = 8,
+    inputs: Annotated[Optional[Path], typer.Option("--inputs", help="Images folder or .npy to use for the parity check.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a ViT checkpoint with ATS to ONNX (+ manifest, reference outputs) and check parity."""
+    from .errors import ConfigError
+    from .exporters.export import export_model
+    from .exporters.onnx import GraphOptions
+    from .reports.parity import format_parity
+
+    if sampler not in ("portable", "plugin"):
+        raise ConfigError(f"--sampler {sampler!r} is unknown; use portable or plugin")
+    ck, source = _load(model, trust_pickle=trust_pickle, heads=heads)
+    ats = _ats(ck.config, ats_blocks, max_k, shape)
+    opts = GraphOptions(batch=batch, dynamic_batch=dynamic_batch, sampler=sampler, opset=opset)  # type: ignore[arg-type]
+    res = export_model(ck, ats, out, opts=opts, parity_count=parity_count, inputs=inputs, source=source)
+    if as_json:
+        _print_json({"out_dir": str(res.out_dir), "files": res.files, "seconds": res.seconds, "manifest": res.manifest})
+    else:
+        typer.echo(f"exported {ck.source} -> {res.out_dir}/ ({', '.join(res.files)}) in {res.seconds:.1f} s")
+        typer.echo(f"ATS blocks {list(ats.blocks)}  K {list(ats.k_schedule)}  shape {ats.shape_mode}  n_ref {ck.config.n_ref}")
+        if res.parity is not None:
+            typer.echo(format_parity(res.parity, title="PyTorch vs ONNX Runtime"))
+    if res.parity is not None and not res.parity.passed:
+        raise GateFailed("parity gate failed: " + "; ".join(res.parity.failures))
+
+
+@app.command()
+@handle_errors
+def parity(
+    out_dir: Annotated[Path, typer.Argument(help="Directory written by ats-deploy export.")],
+    inputs: Annotated[Optional[Path], typer.Option("--inputs", help="Images folder (PNG/JPEG) or .npy file/folder.")] = None,
+    count: Annotated[int, typer.Option("--count", min=1, help="Random inputs when --inputs is not given.")] = 16,
+    model: Annotated[Optional[Path], typer.Option("--model", help="The exported checkpoint, if it moved.")] = None,
+    trust_pickle: TrustOpt = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")] = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare PyTorch with ONNX Runtime on an export; exit 3 when a gate fails."""
+    from .reports.parity import run_parity
+
+    res, info = run_parity(out_dir, inputs=inputs, count=count, model=model, trust_pickle=trust_pickle, seed=seed)
+    if as_json:
+        _print_json({**info, **res.to_dict()})
+    else:
+        from .reports.parity import format_parity
+
+        typer.echo(format_parity(res, title=f"PyTorch vs ONNX Runtime ({info['inputs']})"))
+    if not res.passed:
+        raise GateFailed("parity gate failed: " + "; ".join(res.failures))
+
+
+@app.command()
+@handle_errors
+def tokens(
+    model: Annotated[Optional[Path], typer.Argument(help="Checkpoint; omit for the embedded default.")] = None,
+    input: Annotated[Optional[Path], typer.Option("--input", help=".npy [N,3,H,W] / image / folder (default: one random input).")] = None,
+    max_k: MaxKOpt = None,
+    ats_blocks: BlocksOpt = None,
+    heads: HeadsOpt = None,
+    trust_pickle: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Kept original token ids per ATS block, and logits, from the PyTorch model."""
+    from .calibration.data import load_inputs, random_inputs
+    from .exporters.export import preprocess_for
+    from .runtime.torch_runner import TorchRunner
+
+    ck, _ = _load(model, trust_pickle=trust_pickle, heads=heads)
+    ats = _ats(ck.config, ats_blocks, max_k, "static")
+    pre = preprocess_for(ck.config)
+    x, names = load_inputs(input, pre) if input is not None else (random_inputs(1, pre), ["random[0]"])
+    with TorchRunner(ck, ats) as r:
+        out = r.infer({"pixels": x})
+    images = []
+    for i, name in enumerate(names):
+        blocks = {
+            str(b): out[f"tokens_{b}"][i, : int(out[f"count_{b}"][i])].tolist() for b in ats.blocks
+        }
+        images.append({"input": name, "top1": int(out["logits"][i].argmax()), "kept": blocks, "logits": out["logits"][i].tolist()})
+    if as_json:
+        _print_json({"ats_blocks": list(ats.blocks), "k_schedule": list(ats.k_schedule), "images": images})
+        return
+    for img in images:
+        typer.echo(f"{img['input']}: top-1 class {img['top1']}")
+        for b, ids in img["kept"].items():
+            typer.echo(f"  block {b:>2}: K'={len(ids) - ck.config.num_prefix_tokens:>3}  ids {ids[:12]}{' ...' if len(ids) > 12 else ''}")
+
+
+@plugin_app.command("build")
+@handle_errors
+def plugin_build(
+    tensorrt_root: Annotated[Optional[Path], typer.Option("--tensorrt-root", help="TensorRT install (headers + libnvinfer).")] = None,
+    cuda_arch: Annotated[Optional[str], typer.Option("--cuda-arch", help="CUDA architectures, e.g. 87 (Orin) or 110 (Thor).")] = None,
+    build_dir: Annotated[Path, typer.Option("--build-dir", help="CMake build directory.")] = Path("build/ats_sampler"),
+    kernel_only: Annotated[bool, typer.Option("--kernel-only", help="Build only the CUDA kernel library (no TensorRT).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build libats_sampler.so (the TensorRT plugin) where TensorRT is installed."""
+    from .exporters.plugin_lib import build_plugin
+
+    lib = build_plugin(build_dir=build_dir, tensorrt_root=tensorrt_root, cuda_arch=cuda_arch, kernel_only=kernel_only)
+    if as_json:
+        _print_json({"library": str(lib)})
+    else:
+        typer.echo(f"built {lib}")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"ats-deploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version.")] = False,
+) -> None:
+    """Ship Vision Transformers with Adaptive Token Sampling (ATS) to NVIDIA Jetson."""
+
+
+def main() -> None:
+    app(prog_name="ats-deploy")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

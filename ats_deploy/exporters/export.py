@@ -1,0 +1,283 @@
+"""The export pipeline: checkpoint -> ONNX file(s) + manifest + reference outputs, written atomically.
+
+Artifacts of one export (all in the output directory):
+- ``model.onnx``: portable form (standard ONNX ops; runs in ONNX Runtime and any TensorRT >= 10.3),
+- ``model.plugin.onnx``: plugin form (``ats::AdaptiveTokenSampler`` nodes), with ``--sampler plugin``,
+- ``reference.npz``: inputs and PyTorch outputs, so parity can be proven later without torch (on a Jetson),
+- ``manifest.json``: architecture, ATS blocks, K schedule, n_ref, shape mode, preprocessing, opset,
+  versions and the sha256 of every artifact.
+Every file is written under a temporary name and renamed into place only when all of them are done, so
+a failed run leaves nothing half-written and never clobbers a previous good export with a partial one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..calibration.data import Preprocess, load_inputs, random_inputs
+from ..errors import CheckpointError, ExportError, InputError
+from ..model.checkpoints import LoadedCheckpoint, load_checkpoint
+from ..model.config import ATSConfig, ViTConfig
+from ..reports.parity import ParityResult, compare_outputs
+from .onnx import GraphOptions, build_graph, output_names
+
+__all__ = [
+    "ExportResult",
+    "MANIFEST",
+    "export_model",
+    "read_manifest",
+    "checkpoint_from_manifest",
+    "sha256_file",
+    "AtomicWriter",
+    "preprocess_for",
+]
+
+MANIFEST = "manifest.json"
+FORMAT = "ats-deploy/1"
+EXTERNAL_DATA_LIMIT = 1_800_000_000  # protobuf's 2 GB cap: larger graphs keep weights in a side file
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def preprocess_for(cfg: ViTConfig) -> Preprocess:
+    return Preprocess(size=cfg.img_size, channels=cfg.in_chans, mean=tuple(cfg.mean), std=tuple(cfg.std))
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything that shaped the artifacts (imported lazily, absent ones skipped)."""
+    out = {"ats_deploy": __version__, "python": platform.python_version(), "numpy": np.__version__}
+    for mod in ("onnx", "onnxruntime", "torch"):
+        m = sys.modules.get(mod)
+        if m is None:
+            try:
+                m = __import__(mod)
+            except ImportError:
+                continue
+        out[mod] = getattr(m, "__version__", "?")
+    return out
+
+
+class AtomicWriter:
+    """Collects files under temporary names in ``directory``; ``commit()`` renames them all into place."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / f".ats-deploy-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ExportError(
+                f"output directory {self.dir} is not writable ({exc.strerror}); choose another with -o"
+            ) from None
+        self._pending: list[tuple[Path, Path]] = []
+
+    def path(self, name: str) -> Path:
+        """A temporary path to write ``name`` to; it becomes ``directory/name`` on commit."""
+        tmp = self.dir / f".{name}.tmp-{os.getpid()}"
+        self._pending.append((tmp, self.dir / name))
+        return tmp
+
+    def commit(self) -> None:
+        for tmp, final in self._pending:
+            os.replace(tmp, final)
+            side = tmp.with_name(tmp.name + ".data")
+            if side.exists():
+                os.replace(side, final.with_name(final.name + ".data"))
+        self._pending.clear()
+
+    def abort(self) -> None:
+        for tmp, _ in self._pending:
+            for p in (tmp, tmp.with_name(tmp.name + ".data")):
+                p.unlink(missing_ok=True)
+        self._pending.clear()
+
+    def __enter__(self) -> AtomicWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def save_onnx(model, path: Path) -> None:
+    import onnx
+
+    try:
+        if model.ByteSize() > EXTERNAL_DATA_LIMIT:
+            onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
+        else:
+            onnx.save(model, str(path))
+    except OSError as exc:
+        raise ExportError(f"cannot write {path.name} in {path.parent} ({exc.strerror}); free space or choose -o") from None
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    files: dict[str, str]  # name -> sha256
+    manifest: dict
+    parity: ParityResult | None = None
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+def _reference_inputs(pre: Preprocess, *, inputs: str | Path | None, count: int, batch: int | None) -> np.ndarray:
+    if inputs is not None:
+        x, _ = load_inputs(inputs, pre)
+    else:
+        x = random_inputs(count, pre, seed=0)
+    if batch and len(x) % batch:
+        keep = len(x) - len(x) % batch
+        if keep == 0:
+            raise InputError(f"{len(x)} inputs are fewer than the static batch {batch}; pass more or use --dynamic-batch")
+        x = x[:keep]
+    return x
+
+
+def export_model(
+    ckpt: LoadedCheckpoint,
+    ats: ATSConfig,
+    out_dir: str | Path,
+    *,
+    opts: GraphOptions | None = None,
+    parity_count: int = 8,
+    inputs: str | Path | None = None,
+    source: dict | None = None,
+) -> ExportResult:
+    """Write the ONNX form(s), reference outputs and manifest for ``ckpt`` with ``ats`` into ``out_dir``.
+
+    ``parity_count`` random inputs (or the ``inputs`` folder/array) are run through PyTorch and ONNX
+    Runtime; the comparison is returned (gating is the caller's decision). ``parity_count=0`` skips it.
+    """
+    t0 = time.perf_counter()
+    opts = opts or GraphOptions()
+    cfg = ckpt.config
+    pre = preprocess_for(cfg)
+    forms = ["portable"] + (["plugin"] if opts.sampler == "plugin" else [])
+    files: dict[str, str] = {}
+    parity = None
+    with AtomicWriter(Path(out_dir)) as w:
+        portable = build_graph(cfg, ckpt.state_dict, ats, GraphOptions(**{**opts.__dict__, "sampler": "portable"}))
+        _check(portable)
+        p_onnx = w.path("model.onnx")
+        save_onnx(portable, p_onnx)
+        files["model.onnx"] = sha256_file(p_onnx)
+        if "plugin" in forms:
+            plugin = build_graph(cfg, ckpt.state_dict, ats, opts)
+            _check(plugin)
+            p_plug = w.path("model.plugin.onnx")
+            save_onnx(plugin, p_plug)
+            files["model.plugin.onnx"] = sha256_file(p_plug)
+        if parity_count or inputs is not None:
+            from ..runtime.ort_runner import OrtRunner, run_batched
+            from ..runtime.torch_runner import TorchRunner
+
+            batch = None if opts.dynamic_batch else opts.batch
+            x = _reference_inputs(pre, inputs=inputs, count=max(parity_count, batch or 1), batch=batch)
+            with TorchRunner(ckpt, ats) as tr:
+                ref = run_batched(tr, x, batch)
+            with OrtRunner(p_onnx) as orr:
+                got = run_batched(orr, x, batch)
+            parity = compare_outputs(ref, got, blocks=ats.blocks, prefix_tokens=cfg.num_prefix_tokens)
+            p_ref = w.path("reference.npz")
+            with open(p_ref, "wb") as fh:
+                np.savez_compressed(fh, pixels=x, **ref)
+            files["reference.npz"] = sha256_file(p_ref)
+        manifest = build_manifest(cfg, ats, opts, pre=pre, files=files, source=source or {"kind": "checkpoint", "path": ckpt.source})
+        if parity is not None:
+            manifest["parity"] = {"backend": "onnxruntime", "reference": "torch", **parity.to_dict()}
+        p_man = w.path(MANIFEST)
+        p_man.write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+    return ExportResult(Path(out_dir), files, manifest, parity, time.perf_counter() - t0)
+
+
+def _json_default(o):
+    if isinstance(o, float) and not np.isfinite(o):
+        return str(o)
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    raise TypeError(type(o).__name__)
+
+
+def _check(model) -> None:
+    import onnx
+
+    try:
+        if model.ByteSize() < EXTERNAL_DATA_LIMIT:
+            onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:  # a bug of ours, not the user's: say so
+        raise ExportError(f"internal error: the exported graph fails onnx.checker ({str(exc)[:200]}); please report it") from None
+
+
+def build_manifest(cfg: ViTConfig, ats: ATSConfig, opts: GraphOptions, *, pre: Preprocess, files: dict, source: dict) -> dict:
+    return {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {"source": source, "architecture": cfg.to_dict()},
+        "ats": {**ats.to_dict(), "n_ref": cfg.n_ref, "num_tokens": cfg.num_tokens, "prefix_tokens": cfg.num_prefix_tokens},
+        "graph": {
+            "opset": opts.opset,
+            "batch": None if opts.dynamic_batch else opts.batch,
+            "dynamic_batch": opts.dynamic_batch,
+            "sampler_forms": ["portable"] + (["plugin"] if opts.sampler == "plugin" else []),
+            "precision": "fp32",
+            "inputs": {"pixels": {"dtype": "float32", "shape": ["batch" if opts.dynamic_batch else opts.batch, cfg.in_chans, cfg.img_size, cfg.img_size]}},
+            "outputs": output_names(ats),
+        },
+        "preprocessing": pre.to_dict(),
+        "versions": versions(),
+        "artifacts": {name: {"sha256": digest} for name, digest in files.items()},
+    }
+
+
+def read_manifest(out_dir: str | Path) -> dict:
+    """The manifest of an export directory, with a one-line error when it is missing or not ours."""
+    p = Path(out_dir)
+    man = p / MANIFEST if p.is_dir() else p
+    if not man.exists():
+        raise InputError(f"{p} has no {MANIFEST}; pass the directory written by ats-deploy export")
+    try:
+        data = json.loads(man.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{man} is not readable JSON ({exc}); re-run ats-deploy export") from None
+    if data.get("format") != FORMAT:
+        raise InputError(f"{man} is not an ats-deploy manifest (format {data.get('format')!r}); re-run ats-deploy export")
+    return data
+
+
+def checkpoint_from_manifest(manifest: dict, *, model: str | Path | None = None, trust_pickle: bool = False) -> LoadedCheckpoint:
+    """Reload the exported weights: the embedded default, or the checkpoint file (sha256-checked)."""
+    src = manifest["model"]["source"]
+    arch = ViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["model"]["architecture"].items()})
+    if model is None and src.get("kind") == "embedded":
+        from ..model.default import default_checkpoint
+
+        return default_checkpoint(int(src["seed"]), arch, qk_gain=float(src.get("qk_gain", 1.5)))
+    path = Path(model) if model is not None else Path(src.get("path", ""))
+    if model is None and not path.exists():
+        raise InputError(f"the exported checkpoint {path} is gone; pass it again with --model PATH")
+    ck = load_checkpoint(path, trust_pickle=trust_pickle, heads=arch.num_heads)
+    want = src.get("sha256")
+    if want and sha256_file(path) != want:
+        raise CheckpointError(f"checkpoint {path} differs from the one exported (sha256 mismatch); pass the original with --model")
+    return ck
