@@ -123,7 +123,9 @@ class _VitEmitter:
             out = self.attend(self.heads(q_all), k_t, v, bias)
             x = g.op("Add", x, self.linear(self.merge(out), p + ".attn.proj"))
             return self.mlp(x, p), None, None
-        # Scores from the CLS query row, in float32.
+        # Scores from the CLS query row, in float32. Nodes of the score and sampler path are named
+        # "blocks.<i>/ats/..." so precision passes can keep them in float32 by name.
+        g.scope = p + "/ats/"
         q_cls = self.heads(g.op("Slice", q_all, g.const([0]), g.const([1]), g.const([1])))
         logits = g.op("Mul", g.op("MatMul", q_cls, k_t), self.scale)
         if bias is not None:
@@ -133,6 +135,7 @@ class _VitEmitter:
         v_norm = _reduce(g, "ReduceL2", g.cast(v_all, FLOAT), [2], keepdims=0)  # [B, n]
         scores = g.op("Mul", cls_attn, v_norm)
         idx, count_out = self.sample(scores, count, n, k_max)
+        g.scope = p + "/"
         idx3 = g.op("Unsqueeze", g.cast(idx, INT64), g.const([2]))  # [B, K, 1]
         q_sel = self.heads(g.op("GatherND", q_all, idx3, batch_dims=1))
         out = self.attend(q_sel, k_t, v, bias)
