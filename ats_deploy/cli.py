@@ -10,7 +10,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,15 +29,23 @@ app.add_typer(plugin_app, name="plugin")
 
 # Shared option aliases (fastapi-cli habit).
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout.")]
-TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow unpickling arbitrary objects (runs code from the file).")]
-HeadsOpt = Annotated[Optional[int], typer.Option("--heads", help="Attention heads (default: embed_dim // 64).")]
+TrustOpt = Annotated[
+    bool, typer.Option("--trust-pickle", help="Allow unpickling arbitrary objects (runs code from the file).")
+]
+HeadsOpt = Annotated[int | None, typer.Option("--heads", help="Attention heads (default: embed_dim // 64).")]
 MaxKOpt = Annotated[
-    Optional[str], typer.Option("--max-k", help="K per ATS block (CLS included): one integer or a comma list (default: token count).")
+    str | None,
+    typer.Option("--max-k", help="K per ATS block (CLS included): one integer or a comma list (default: token count)."),
 ]
 BlocksOpt = Annotated[
-    Optional[str], typer.Option("--ats-blocks", help="ATS block indices, e.g. 3-11 or 3,5,7 (default: paper placement); 'none' = dense.")
+    str | None,
+    typer.Option(
+        "--ats-blocks", help="ATS block indices, e.g. 3-11 or 3,5,7 (default: paper placement); 'none' = dense."
+    ),
 ]
-ShapeOpt = Annotated[str, typer.Option("--shape", help="static (fixed K_out slots + count) or dynamic (slice to the batch's max count).")]
+ShapeOpt = Annotated[
+    str, typer.Option("--shape", help="static (fixed K_out slots + count) or dynamic (slice to the batch's max count).")
+]
 
 
 def _emit_error(exc: AtsDeployError) -> None:
@@ -81,7 +89,7 @@ def _jsonable(o):
     return str(o)
 
 
-def _load(model: Optional[Path], *, trust_pickle: bool, heads: Optional[int]):
+def _load(model: Path | None, *, trust_pickle: bool, heads: int | None):
     """A user checkpoint, or the embedded default model when none is given; plus its source record."""
     from .exporters.export import sha256_file
     from .model.checkpoints import load_checkpoint
@@ -89,12 +97,17 @@ def _load(model: Optional[Path], *, trust_pickle: bool, heads: Optional[int]):
 
     if model is None:
         ck = default_checkpoint()
-        return ck, {"kind": "embedded", "name": "deit_tiny_patch16_224 (untrained)", "seed": DEFAULT_SEED, "qk_gain": QK_GAIN}
+        return ck, {
+            "kind": "embedded",
+            "name": "deit_tiny_patch16_224 (untrained)",
+            "seed": DEFAULT_SEED,
+            "qk_gain": QK_GAIN,
+        }
     ck = load_checkpoint(model, trust_pickle=trust_pickle, heads=heads)
     return ck, {"kind": "checkpoint", "path": str(Path(model).resolve()), "sha256": sha256_file(model)}
 
 
-def _ats(cfg, ats_blocks: Optional[str], max_k: Optional[str], shape: str):
+def _ats(cfg, ats_blocks: str | None, max_k: str | None, shape: str):
     from .model.config import resolve_ats
 
     if ats_blocks is not None and ats_blocks.strip().lower() in ("none", "dense", ""):
@@ -105,19 +118,29 @@ def _ats(cfg, ats_blocks: Optional[str], max_k: Optional[str], shape: str):
 @app.command()
 @handle_errors
 def export(
-    model: Annotated[Optional[Path], typer.Argument(help="Checkpoint (.pt/.pth/.safetensors); omit for the embedded default.")] = None,
+    model: Annotated[
+        Path | None, typer.Argument(help="Checkpoint (.pt/.pth/.safetensors); omit for the embedded default.")
+    ] = None,
     out: Annotated[Path, typer.Option("-o", "--out", help="Output directory.")] = Path("out"),
     max_k: MaxKOpt = None,
     ats_blocks: BlocksOpt = None,
     shape: ShapeOpt = "static",
     batch: Annotated[int, typer.Option("--batch", min=1, help="Static batch size of the graph.")] = 1,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension dynamic.")] = False,
-    sampler: Annotated[str, typer.Option("--sampler", help="portable (standard ops) or plugin (also writes model.plugin.onnx).")] = "portable",
-    opset: Annotated[int, typer.Option("--opset", min=17, max=23, help="ONNX opset (>= 17 for LayerNormalization).")] = 17,
+    sampler: Annotated[
+        str, typer.Option("--sampler", help="portable (standard ops) or plugin (also writes model.plugin.onnx).")
+    ] = "portable",
+    opset: Annotated[
+        int, typer.Option("--opset", min=17, max=23, help="ONNX opset (>= 17 for LayerNormalization).")
+    ] = 17,
     heads: HeadsOpt = None,
     trust_pickle: TrustOpt = False,
-    parity_count: Annotated[int, typer.Option("--parity-inputs", min=0, help="Random inputs for the PyTorch vs ONNX Runtime check.")] = 8,
-    inputs: Annotated[Optional[Path], typer.Option("--inputs", help="Images folder or .npy to use for the parity check.")] = None,
+    parity_count: Annotated[
+        int, typer.Option("--parity-inputs", min=0, help="Random inputs for the PyTorch vs ONNX Runtime check.")
+    ] = 8,
+    inputs: Annotated[
+        Path | None, typer.Option("--inputs", help="Images folder or .npy to use for the parity check.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Export a ViT checkpoint with ATS to ONNX (+ manifest, reference outputs) and check parity."""
@@ -136,7 +159,9 @@ def export(
         _print_json({"out_dir": str(res.out_dir), "files": res.files, "seconds": res.seconds, "manifest": res.manifest})
     else:
         typer.echo(f"exported {ck.source} -> {res.out_dir}/ ({', '.join(res.files)}) in {res.seconds:.1f} s")
-        typer.echo(f"ATS blocks {list(ats.blocks)}  K {list(ats.k_schedule)}  shape {ats.shape_mode}  n_ref {ck.config.n_ref}")
+        typer.echo(
+            f"ATS blocks {list(ats.blocks)}  K {list(ats.k_schedule)}  shape {ats.shape_mode}  n_ref {ck.config.n_ref}"
+        )
         if res.parity is not None:
             typer.echo(format_parity(res.parity, title="PyTorch vs ONNX Runtime"))
     if res.parity is not None and not res.parity.passed:
@@ -147,9 +172,11 @@ def export(
 @handle_errors
 def parity(
     out_dir: Annotated[Path, typer.Argument(help="Directory written by ats-deploy export.")],
-    inputs: Annotated[Optional[Path], typer.Option("--inputs", help="Images folder (PNG/JPEG) or .npy file/folder.")] = None,
+    inputs: Annotated[
+        Path | None, typer.Option("--inputs", help="Images folder (PNG/JPEG) or .npy file/folder.")
+    ] = None,
     count: Annotated[int, typer.Option("--count", min=1, help="Random inputs when --inputs is not given.")] = 16,
-    model: Annotated[Optional[Path], typer.Option("--model", help="The exported checkpoint, if it moved.")] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="The exported checkpoint, if it moved.")] = None,
     trust_pickle: TrustOpt = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")] = 1,
     as_json: JsonOpt = False,
@@ -171,8 +198,10 @@ def parity(
 @app.command()
 @handle_errors
 def tokens(
-    model: Annotated[Optional[Path], typer.Argument(help="Checkpoint; omit for the embedded default.")] = None,
-    input: Annotated[Optional[Path], typer.Option("--input", help=".npy [N,3,H,W] / image / folder (default: one random input).")] = None,
+    model: Annotated[Path | None, typer.Argument(help="Checkpoint; omit for the embedded default.")] = None,
+    input: Annotated[
+        Path | None, typer.Option("--input", help=".npy [N,3,H,W] / image / folder (default: one random input).")
+    ] = None,
     max_k: MaxKOpt = None,
     ats_blocks: BlocksOpt = None,
     heads: HeadsOpt = None,
@@ -192,26 +221,35 @@ def tokens(
         out = r.infer({"pixels": x})
     images = []
     for i, name in enumerate(names):
-        blocks = {
-            str(b): out[f"tokens_{b}"][i, : int(out[f"count_{b}"][i])].tolist() for b in ats.blocks
-        }
-        images.append({"input": name, "top1": int(out["logits"][i].argmax()), "kept": blocks, "logits": out["logits"][i].tolist()})
+        blocks = {str(b): out[f"tokens_{b}"][i, : int(out[f"count_{b}"][i])].tolist() for b in ats.blocks}
+        images.append(
+            {"input": name, "top1": int(out["logits"][i].argmax()), "kept": blocks, "logits": out["logits"][i].tolist()}
+        )
     if as_json:
         _print_json({"ats_blocks": list(ats.blocks), "k_schedule": list(ats.k_schedule), "images": images})
         return
     for img in images:
         typer.echo(f"{img['input']}: top-1 class {img['top1']}")
         for b, ids in img["kept"].items():
-            typer.echo(f"  block {b:>2}: K'={len(ids) - ck.config.num_prefix_tokens:>3}  ids {ids[:12]}{' ...' if len(ids) > 12 else ''}")
+            typer.echo(
+                f"  block {b:>2}: K'={len(ids) - ck.config.num_prefix_tokens:>3}  "
+                f"ids {ids[:12]}{' ...' if len(ids) > 12 else ''}"
+            )
 
 
 @plugin_app.command("build")
 @handle_errors
 def plugin_build(
-    tensorrt_root: Annotated[Optional[Path], typer.Option("--tensorrt-root", help="TensorRT install (headers + libnvinfer).")] = None,
-    cuda_arch: Annotated[Optional[str], typer.Option("--cuda-arch", help="CUDA architectures, e.g. 87 (Orin) or 110 (Thor).")] = None,
+    tensorrt_root: Annotated[
+        Path | None, typer.Option("--tensorrt-root", help="TensorRT install (headers + libnvinfer).")
+    ] = None,
+    cuda_arch: Annotated[
+        str | None, typer.Option("--cuda-arch", help="CUDA architectures, e.g. 87 (Orin) or 110 (Thor).")
+    ] = None,
     build_dir: Annotated[Path, typer.Option("--build-dir", help="CMake build directory.")] = Path("build/ats_sampler"),
-    kernel_only: Annotated[bool, typer.Option("--kernel-only", help="Build only the CUDA kernel library (no TensorRT).")] = False,
+    kernel_only: Annotated[
+        bool, typer.Option("--kernel-only", help="Build only the CUDA kernel library (no TensorRT).")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Build libats_sampler.so (the TensorRT plugin) where TensorRT is installed."""
@@ -232,7 +270,9 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version.")
+    ] = False,
 ) -> None:
     """Ship Vision Transformers with Adaptive Token Sampling (ATS) to NVIDIA Jetson."""
 

@@ -128,7 +128,9 @@ def save_onnx(model, path: Path) -> None:
         else:
             onnx.save(model, str(path))
     except OSError as exc:
-        raise ExportError(f"cannot write {path.name} in {path.parent} ({exc.strerror}); free space or choose -o") from None
+        raise ExportError(
+            f"cannot write {path.name} in {path.parent} ({exc.strerror}); free space or choose -o"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,9 @@ def _reference_inputs(pre: Preprocess, *, inputs: str | Path | None, count: int,
     if batch and len(x) % batch:
         keep = len(x) - len(x) % batch
         if keep == 0:
-            raise InputError(f"{len(x)} inputs are fewer than the static batch {batch}; pass more or use --dynamic-batch")
+            raise InputError(
+                f"{len(x)} inputs are fewer than the static batch {batch}; pass more or use --dynamic-batch"
+            )
         x = x[:keep]
     return x
 
@@ -203,7 +207,9 @@ def export_model(
             with open(p_ref, "wb") as fh:
                 np.savez_compressed(fh, pixels=x, **ref)
             files["reference.npz"] = sha256_file(p_ref)
-        manifest = build_manifest(cfg, ats, opts, pre=pre, files=files, source=source or {"kind": "checkpoint", "path": ckpt.source})
+        manifest = build_manifest(
+            cfg, ats, opts, pre=pre, files=files, source=source or {"kind": "checkpoint", "path": ckpt.source}
+        )
         if parity is not None:
             manifest["parity"] = {"backend": "onnxruntime", "reference": "torch", **parity.to_dict()}
         p_man = w.path(MANIFEST)
@@ -226,22 +232,36 @@ def _check(model) -> None:
         if model.ByteSize() < EXTERNAL_DATA_LIMIT:
             onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as exc:  # a bug of ours, not the user's: say so
-        raise ExportError(f"internal error: the exported graph fails onnx.checker ({str(exc)[:200]}); please report it") from None
+        raise ExportError(
+            f"internal error: the exported graph fails onnx.checker ({str(exc)[:200]}); please report it"
+        ) from None
 
 
-def build_manifest(cfg: ViTConfig, ats: ATSConfig, opts: GraphOptions, *, pre: Preprocess, files: dict, source: dict) -> dict:
+def build_manifest(
+    cfg: ViTConfig, ats: ATSConfig, opts: GraphOptions, *, pre: Preprocess, files: dict, source: dict
+) -> dict:
     return {
         "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {"source": source, "architecture": cfg.to_dict()},
-        "ats": {**ats.to_dict(), "n_ref": cfg.n_ref, "num_tokens": cfg.num_tokens, "prefix_tokens": cfg.num_prefix_tokens},
+        "ats": {
+            **ats.to_dict(),
+            "n_ref": cfg.n_ref,
+            "num_tokens": cfg.num_tokens,
+            "prefix_tokens": cfg.num_prefix_tokens,
+        },
         "graph": {
             "opset": opts.opset,
             "batch": None if opts.dynamic_batch else opts.batch,
             "dynamic_batch": opts.dynamic_batch,
             "sampler_forms": ["portable"] + (["plugin"] if opts.sampler == "plugin" else []),
             "precision": "fp32",
-            "inputs": {"pixels": {"dtype": "float32", "shape": ["batch" if opts.dynamic_batch else opts.batch, cfg.in_chans, cfg.img_size, cfg.img_size]}},
+            "inputs": {
+                "pixels": {
+                    "dtype": "float32",
+                    "shape": ["batch" if opts.dynamic_batch else opts.batch, cfg.in_chans, cfg.img_size, cfg.img_size],
+                }
+            },
             "outputs": output_names(ats),
         },
         "preprocessing": pre.to_dict(),
@@ -261,14 +281,20 @@ def read_manifest(out_dir: str | Path) -> dict:
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"{man} is not readable JSON ({exc}); re-run ats-deploy export") from None
     if data.get("format") != FORMAT:
-        raise InputError(f"{man} is not an ats-deploy manifest (format {data.get('format')!r}); re-run ats-deploy export")
+        raise InputError(
+            f"{man} is not an ats-deploy manifest (format {data.get('format')!r}); re-run ats-deploy export"
+        )
     return data
 
 
-def checkpoint_from_manifest(manifest: dict, *, model: str | Path | None = None, trust_pickle: bool = False) -> LoadedCheckpoint:
+def checkpoint_from_manifest(
+    manifest: dict, *, model: str | Path | None = None, trust_pickle: bool = False
+) -> LoadedCheckpoint:
     """Reload the exported weights: the embedded default, or the checkpoint file (sha256-checked)."""
     src = manifest["model"]["source"]
-    arch = ViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["model"]["architecture"].items()})
+    arch = ViTConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["model"]["architecture"].items()}
+    )
     if model is None and src.get("kind") == "embedded":
         from ..model.default import default_checkpoint
 
@@ -279,5 +305,7 @@ def checkpoint_from_manifest(manifest: dict, *, model: str | Path | None = None,
     ck = load_checkpoint(path, trust_pickle=trust_pickle, heads=arch.num_heads)
     want = src.get("sha256")
     if want and sha256_file(path) != want:
-        raise CheckpointError(f"checkpoint {path} differs from the one exported (sha256 mismatch); pass the original with --model")
+        raise CheckpointError(
+            f"checkpoint {path} differs from the one exported (sha256 mismatch); pass the original with --model"
+        )
     return ck

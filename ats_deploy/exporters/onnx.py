@@ -149,20 +149,29 @@ class _VitEmitter:
             return emit_sampler(g, scores, count, n=n, **kw)
         # Distilled DeiT: the sampler sees CLS + patches; the distillation token is kept after CLS.
         ax1 = g.const([1])
-        s = g.op("Concat", g.op("Slice", scores, g.const([0]), ax1, ax1), g.op("Slice", scores, g.const([2]), g.const([2**62]), ax1), axis=1)
+        s = g.op(
+            "Concat",
+            g.op("Slice", scores, g.const([0]), ax1, ax1),
+            g.op("Slice", scores, g.const([2]), g.const([2**62]), ax1),
+            axis=1,
+        )
         n_s: Dim = n - 1 if isinstance(n, int) else g.op("Sub", n, g.const([1]))
         idx, cnt = emit_sampler(g, s, g.op("Sub", count, g.const(1, "int32")), n=n_s, **kw)
         idx = g.op("Where", g.op("Greater", idx, g.const(0, "int32")), g.op("Add", idx, g.const(1, "int32")), idx)
         first = g.op("Slice", idx, g.const([0]), ax1, ax1)
         rest = g.op("Slice", idx, ax1, g.const([2**62]), ax1)
-        idx = g.op("Concat", first, g.op("Add", g.op("Mul", first, g.const(0, "int32")), g.const(1, "int32")), rest, axis=1)
+        idx = g.op(
+            "Concat", first, g.op("Add", g.op("Mul", first, g.const(0, "int32")), g.const(1, "int32")), rest, axis=1
+        )
         return idx, g.op("Add", cnt, g.const(1, "int32"))
 
     def key_bias(self, count: str, n: Dim) -> str:
         """[B, 1, 1, n] additive mask: 0 on valid keys, a large finite negative on padding."""
         g = self.g
         slots = g.arange(0, n)
-        valid = g.op("Less", g.op("Unsqueeze", slots, g.const([0])), g.op("Unsqueeze", g.cast(count, INT64), g.const([1])))
+        valid = g.op(
+            "Less", g.op("Unsqueeze", slots, g.const([0])), g.op("Unsqueeze", g.cast(count, INT64), g.const([1]))
+        )
         bias = g.op("Where", valid, g.const(0.0, "float32"), g.const(MASK_VALUE, "float32"))
         return g.op("Unsqueeze", bias, g.const([1, 2]))
 
@@ -173,7 +182,9 @@ class _VitEmitter:
         x, batch = self.embed(pixels)
         n: Dim = c.num_tokens
         count = g.op("Expand", g.const([c.num_tokens], "int32"), batch)  # [B] int32
-        ids = g.op("Expand", g.const([list(range(c.num_tokens))]), g.op("Concat", batch, g.const([c.num_tokens]), axis=0))
+        ids = g.op(
+            "Expand", g.const([list(range(c.num_tokens))]), g.op("Concat", batch, g.const([c.num_tokens]), axis=0)
+        )
         bias = None
         for i in range(c.depth):
             x, idx, count_out = self.block(i, x, count, n, bias)

@@ -14,7 +14,14 @@ from ..model.ats import BIG
 from ..model.reference import grid_size
 from .graph import FLOAT, INT32, INT64, Dim, GraphBuilder
 
-__all__ = ["PLUGIN_OP", "PLUGIN_DOMAIN", "PLUGIN_VERSION", "emit_sampler", "emit_portable_sampler", "emit_plugin_sampler"]
+__all__ = [
+    "PLUGIN_OP",
+    "PLUGIN_DOMAIN",
+    "PLUGIN_VERSION",
+    "emit_sampler",
+    "emit_portable_sampler",
+    "emit_plugin_sampler",
+]
 
 PLUGIN_OP = "AdaptiveTokenSampler"
 PLUGIN_DOMAIN = "ats"
@@ -123,4 +130,3 @@ def emit_portable_sampler(
     cls_col = g.op("Mul", g.op("Unsqueeze", count_out, ax1), g.const(0))
     indices = g.op("Concat", cls_col, body, axis=1)
     return g.cast(indices, INT32), g.cast(count_out, INT32)
-

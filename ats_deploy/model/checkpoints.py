@@ -57,7 +57,9 @@ def _read_file(path: Path, *, trust_pickle: bool) -> object:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
         if trust_pickle:
-            raise CheckpointError(f"checkpoint {path} cannot be unpickled ({exc}); re-save it with torch.save") from None
+            raise CheckpointError(
+                f"checkpoint {path} cannot be unpickled ({exc}); re-save it with torch.save"
+            ) from None
         raise CheckpointError(
             f"checkpoint {path} contains pickled code or objects, not only tensors; "
             "pass --trust-pickle if you trust its source, or re-save it as a state_dict"
@@ -70,6 +72,10 @@ def _read_file(path: Path, *, trust_pickle: bool) -> object:
     except (AttributeError, ModuleNotFoundError, ImportError) as exc:
         raise CheckpointError(
             f"checkpoint {path} needs code that is not importable here ({exc}); save its state_dict instead"
+        ) from None
+    except Exception as exc:  # the unpickler raises arbitrary errors on garbage (IndexError, KeyError...)
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}); re-download or re-save it"
         ) from None
 
 
@@ -186,7 +192,9 @@ def expected_keys(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
         "head.bias": (cfg.num_classes,),
     }
     if cfg.distilled:
-        keys.update({"dist_token": (1, 1, c), "head_dist.weight": (cfg.num_classes, c), "head_dist.bias": (cfg.num_classes,)})
+        keys.update(
+            {"dist_token": (1, 1, c), "head_dist.weight": (cfg.num_classes, c), "head_dist.bias": (cfg.num_classes,)}
+        )
     for i in range(cfg.depth):
         p = f"blocks.{i}."
         keys.update(
@@ -209,7 +217,9 @@ def expected_keys(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
     return keys
 
 
-def validate_state_dict(sd: dict[str, np.ndarray], cfg: ViTConfig, *, source: str = "checkpoint") -> dict[str, np.ndarray]:
+def validate_state_dict(
+    sd: dict[str, np.ndarray], cfg: ViTConfig, *, source: str = "checkpoint"
+) -> dict[str, np.ndarray]:
     """Check names and shapes against ``cfg``; list a few missing/unexpected keys when they differ."""
     want = expected_keys(cfg)
     have = {k: v for k, v in sd.items() if not _IGNORED.search(k)}

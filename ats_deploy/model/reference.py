@@ -10,7 +10,8 @@ The contract (SPEC.md section 4): ``scores`` is [B, n] (slot 0 = CLS, ignored), 
 invariant to their scale, so implementations run the cumulative sum on the raw scores in float32,
 sequentially in ascending-score order, then F~ = (F - F_0) / (F_last - F_0), c0 = min positive F~,
 step = (1 - c0) / (M - 1), y_j = c0 + j * step (no fused multiply-add), pick = first argmin |y_j - F~|.
-That fixes every float32 rounding, so float32 implementations agree bit for bit. The result is ``indices`` [B, K_out] int32 with
+That fixes every float32 rounding, so float32 implementations agree bit for bit.
+The result is ``indices`` [B, K_out] int32 with
 K_out = min(k_max, n): CLS (0) first, then the kept slots in ascending-score order, then padding (0),
 and ``count_out`` [B] int32 = 1 + K'.
 """

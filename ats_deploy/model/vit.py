@@ -200,4 +200,3 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_trace(x).logits
-

@@ -121,7 +121,8 @@ def format_parity(res: ParityResult, *, title: str = "parity") -> str:
     """Human-readable summary (plain text, one screen)."""
     lines = [
         f"{title}: {res.images} images, {'PASS' if res.passed else 'FAIL'}",
-        f"  logits   max abs {res.logits_max_abs:.3g}  max rel {res.logits_max_rel:.3g}  (gate {res.tolerances.logits_atol:.3g})",
+        f"  logits   max abs {res.logits_max_abs:.3g}  max rel {res.logits_max_rel:.3g}"
+        f"  (gate {res.tolerances.logits_atol:.3g})",
         f"  top-1    agreement {res.top1_agreement:.2%}  (gate {res.tolerances.top1_min:.2%})",
         f"  kept     agreement {res.kept_agreement:.2%} of {res.kept_pairs} (image, block) pairs, "
         f"{res.kept_mismatches} differ  (gate {res.tolerances.kept_min:.2%})",
@@ -130,7 +131,8 @@ def format_parity(res: ParityResult, *, title: str = "parity") -> str:
         lines.append("  block  K' mean   min   p10   p90   max  agree")
         for s in res.blocks:
             lines.append(
-                f"  {s.block:>5}  {s.kept_mean:7.1f} {s.kept_min:5d} {s.kept_p10:5.0f} {s.kept_p90:5.0f} {s.kept_max:5d}  {s.agreement:6.1%}"
+                f"  {s.block:>5}  {s.kept_mean:7.1f} {s.kept_min:5d} {s.kept_p10:5.0f} {s.kept_p90:5.0f}"
+                f" {s.kept_max:5d}  {s.agreement:6.1%}"
             )
     for f in res.failures:
         lines.append(f"  FAILED: {f}")

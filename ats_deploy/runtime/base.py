@@ -14,7 +14,9 @@ __all__ = ["Runner", "check_pixels"]
 def check_pixels(x: np.ndarray, *, channels: int, size: int, batch: int | None = None) -> np.ndarray:
     """Validate an input batch: [B, C, H, W] floating point with the model's channels and size."""
     if not isinstance(x, np.ndarray):
-        raise InputError(f"input is a {type(x).__name__}, not a NumPy array; pass float32 [B, {channels}, {size}, {size}]")
+        raise InputError(
+            f"input is a {type(x).__name__}, not a NumPy array; pass float32 [B, {channels}, {size}, {size}]"
+        )
     if x.ndim != 4 or x.shape[1:] != (channels, size, size):
         raise InputError(
             f"input shape {list(x.shape)} does not match [B, {channels}, {size}, {size}]; "
@@ -23,7 +25,10 @@ def check_pixels(x: np.ndarray, *, channels: int, size: int, batch: int | None =
     if not np.issubdtype(x.dtype, np.floating):
         raise InputError(f"input dtype {x.dtype} is not floating point; pass normalised float32 pixels")
     if batch is not None and x.shape[0] != batch:
-        raise InputError(f"input batch {x.shape[0]} does not match the graph's static batch {batch}; re-export with --batch {x.shape[0]} or --dynamic-batch")
+        raise InputError(
+            f"input batch {x.shape[0]} does not match the graph's static batch {batch}; "
+            f"re-export with --batch {x.shape[0]} or --dynamic-batch"
+        )
     return np.ascontiguousarray(x, dtype=np.float32)
 
 

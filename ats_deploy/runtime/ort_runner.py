@@ -53,7 +53,8 @@ def run_batched(runner: Runner, x: np.ndarray, batch: int | None) -> dict[str, n
         return runner.infer({"pixels": x})
     if len(x) % batch:
         raise InputError(
-            f"{len(x)} inputs do not split into batches of {batch}; pass a multiple of {batch} or re-export with --dynamic-batch"
+            f"{len(x)} inputs do not split into batches of {batch}; "
+            f"pass a multiple of {batch} or re-export with --dynamic-batch"
         )
     parts = [runner.infer({"pixels": x[i : i + batch]}) for i in range(0, len(x), batch)]
     return stack_outputs(parts)

@@ -1,0 +1,33 @@
+# Fresh-machine entry points: `make demo` (main job on the embedded default) and `make test`.
+# Everything installs into .venv; torch==2.13.0 is pinned first so pip takes the CPU build.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?= -m "not slow"
+
+.PHONY: install demo test test-all lint clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[dev,rtx]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/ats-deploy export -o out/
+
+# pytest exits 5 when it collected nothing: that is not a failure of the code under test.
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+test-all: install
+	$(MAKE) test PYTEST_ARGS=""
+
+lint: install
+	$(BIN)/ruff check ats_deploy tests benchmarks
+
+clean:
+	rm -rf $(VENV) out build .pytest_cache

@@ -1,0 +1,203 @@
+"""The command line: exit codes, --json output, one-line errors, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ats_deploy.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_pt(tmp_path_factory, tiny_ckpt):
+    path = tmp_path_factory.mktemp("ck") / "tiny.pth"
+    torch.save({"model": {k: torch.from_numpy(v.copy()) for k, v in tiny_ckpt.state_dict.items()}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_pt):
+    out = tmp_path_factory.mktemp("out")
+    res = runner.invoke(app, ["export", str(tiny_pt), "--heads", "2", "--max-k", "40", "-o", str(out), "--batch", "4"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def _one_line_error(res, needle):
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.output
+    assert "Traceback" not in res.output
+
+
+def test_export_default_model_json(tmp_path):
+    res = runner.invoke(app, ["export", "-o", str(tmp_path / "o"), "--json", "--parity-inputs", "2"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    man = data["manifest"]
+    assert man["ats"]["blocks"] == list(range(3, 12)) and man["ats"]["k_schedule"] == [197] * 9
+    assert man["ats"]["n_ref"] == 197 and man["graph"]["opset"] >= 17
+    assert man["preprocessing"]["size"] == 224 and len(man["preprocessing"]["mean"]) == 3
+    assert man["parity"]["passed"] and man["parity"]["top1_agreement"] == 1.0
+    for name, meta in man["artifacts"].items():
+        import hashlib
+
+        assert hashlib.sha256((tmp_path / "o" / name).read_bytes()).hexdigest() == meta["sha256"]
+    assert not list((tmp_path / "o").glob(".*tmp*")), "no temporary files left behind"
+
+
+def test_export_human_output_and_manifest(exported):
+    man = json.loads((exported / "manifest.json").read_text())
+    assert man["model"]["architecture"]["embed_dim"] == 64
+    assert man["ats"]["k_schedule"] == [40, 40, 40, 40]
+    assert {"model.onnx", "reference.npz"} <= set(man["artifacts"])
+    ref = np.load(exported / "reference.npz")
+    assert ref["pixels"].shape[1:] == (3, 64, 64) and "tokens_2" in ref
+
+
+def test_parity_command(exported, tmp_path):
+    res = runner.invoke(app, ["parity", str(exported), "--json", "--count", "8"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["passed"] and data["logits_max_abs"] <= 1e-4 and data["kept_pairs"] == 8 * 4
+    # .npy inputs
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32))
+    res = runner.invoke(app, ["parity", str(exported), "--inputs", str(tmp_path / "x.npy")])
+    assert res.exit_code == 0 and "PASS" in res.output
+
+
+def test_parity_on_images(exported, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 255, (90, 70), dtype=np.uint8)).save(folder / "grey.jpg")
+    Image.fromarray(rng.integers(0, 255, (64, 64, 4), dtype=np.uint8)).save(folder / "rgba.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    res = runner.invoke(app, ["parity", str(exported), "--inputs", str(folder), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["images"] == 4  # 3 readable images padded to the static batch of 4
+
+
+def test_parity_gate_fails_with_exit_3(exported, tmp_path):
+    """A tampered graph (different weights) makes the gate fail: exit code 3."""
+    import shutil
+
+    import onnx
+
+    bad = tmp_path / "bad"
+    shutil.copytree(exported, bad)
+    model = onnx.load(str(bad / "model.onnx"))
+    for init in model.graph.initializer:
+        if init.name == "head.bias":
+            arr = onnx.numpy_helper.to_array(init) + 1.0
+            init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    onnx.save(model, str(bad / "model.onnx"))
+    man = json.loads((bad / "manifest.json").read_text())
+    from ats_deploy.exporters.export import sha256_file
+
+    man["artifacts"]["model.onnx"]["sha256"] = sha256_file(bad / "model.onnx")
+    (bad / "manifest.json").write_text(json.dumps(man))
+    res = runner.invoke(app, ["parity", str(bad), "--count", "4"])
+    assert res.exit_code == 3, res.output
+    assert "FAIL" in res.output
+
+
+def test_tokens_json(tiny_pt, tmp_path):
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    res = runner.invoke(
+        app, ["tokens", str(tiny_pt), "--heads", "2", "--input", str(tmp_path / "x.npy"), "--json", "--max-k", "30"]
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert len(data["images"]) == 2 and data["ats_blocks"] == [2, 3, 4, 5]
+    for img in data["images"]:
+        assert len(img["logits"]) == 10
+        prev = set(range(65))
+        for b in ("2", "3", "4", "5"):
+            ids = img["kept"][b]
+            assert ids[0] == 0 and len(ids) <= 30 and set(ids) <= prev  # kept ids only shrink
+            prev = set(ids)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["export", "missing.pt"], "does not exist"),
+        (["export", "{pt}", "--heads", "2", "--max-k", "1"], "below 2"),
+        (["export", "{pt}", "--heads", "2", "--max-k", "500"], "above the token count"),
+        (["export", "{pt}", "--heads", "2", "--max-k", "10,20"], "one value or one per block"),
+        (["export", "{pt}", "--heads", "2", "--ats-blocks", "7"], "out of range"),
+        (["export", "{pt}", "--heads", "3"], "not divisible"),
+        (["export", "{pt}", "--heads", "2", "--sampler", "magic"], "--sampler"),
+        (["parity", "{tmp}"], "manifest.json"),
+        (["tokens", "{pt}", "--heads", "2", "--input", "{tmp}/x.npy"], "expected [N, 3, 64, 64]"),
+        (["tokens", "{pt}", "--heads", "2", "--input", "{tmp}/empty"], "no readable image"),
+        (["tokens", "{pt}", "--heads", "2", "--input", "{tmp}/ints.npy"], "dtype int64"),
+    ],
+)
+def test_bad_input_one_line(tiny_pt, tmp_path, args, needle):
+    np.save(tmp_path / "x.npy", np.zeros((2, 3, 32, 32), np.float32))
+    np.save(tmp_path / "ints.npy", np.zeros((2, 3, 64, 64), np.int64))
+    (tmp_path / "empty").mkdir()
+    args = [a.format(pt=tiny_pt, tmp=tmp_path) for a in args]
+    res = runner.invoke(app, args + ["-o", str(tmp_path / "o")] if args[0] == "export" else args)
+    _one_line_error(res, needle)
+
+
+def test_unwritable_output_keeps_nothing(tiny_pt, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = runner.invoke(app, ["export", str(tiny_pt), "--heads", "2", "-o", str(blocker / "sub")])
+    _one_line_error(res, "not writable")
+
+
+def test_failed_export_keeps_previous_good_one(tiny_pt, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    assert (
+        runner.invoke(app, ["export", str(tiny_pt), "--heads", "2", "-o", str(out), "--parity-inputs", "1"]).exit_code
+        == 0
+    )
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    import ats_deploy.exporters.export as ex
+
+    def boom(*a, **k):
+        raise ex.ExportError("simulated failure while writing")
+
+    monkeypatch.setattr(ex, "compare_outputs", boom)
+    res = runner.invoke(
+        app, ["export", str(tiny_pt), "--heads", "2", "--max-k", "20", "-o", str(out), "--parity-inputs", "1"]
+    )
+    _one_line_error(res, "simulated failure")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "old export intact, no temp files"
+
+
+def test_import_and_help_stay_light():
+    """`import ats_deploy` and `ats-deploy --help` need neither torch, onnxruntime nor TensorRT."""
+    code = (
+        "import sys, ats_deploy, ats_deploy.cli\n"
+        "from typer.testing import CliRunner\n"
+        "r = CliRunner().invoke(ats_deploy.cli.app, ['--help'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "heavy = [m for m in ('torch', 'onnxruntime', 'tensorrt', 'tensorrt_rtx', 'matplotlib') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_version():
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and "ats-deploy" in res.output
