@@ -13,6 +13,7 @@ from __future__ import annotations
 from ..model.ats import BIG
 from ..model.reference import grid_size
 from .graph import FLOAT, INT32, INT64, Dim, GraphBuilder
+from .plugin_lib import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 __all__ = [
     "PLUGIN_OP",
@@ -23,9 +24,9 @@ __all__ = [
     "emit_plugin_sampler",
 ]
 
-PLUGIN_OP = "AdaptiveTokenSampler"
-PLUGIN_DOMAIN = "ats"
-PLUGIN_VERSION = "1"
+# One definition of the plugin's identity, shared with the C++ sources' checks in plugin_lib.
+PLUGIN_OP = PLUGIN_NAME
+PLUGIN_DOMAIN = PLUGIN_NAMESPACE
 MODES = {"static": 0, "dynamic": 1}
 
 
