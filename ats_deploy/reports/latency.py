@@ -1,0 +1,579 @@
+"""Latency report: the ATS model and the dense model with the same weights, measured side by side.
+
+Why side by side: on a shared or thermally throttled device (a Jetson in a box), two runs minutes apart
+differ by more than ATS saves. Both models are timed round-robin in one process (alternating which goes
+first), so noise hits both alike, and only their ratio is gated.
+
+Timers: CUDA events around a CUDA-graph replay when the runner offers ``stage(x)`` + ``timed_step()``
+(the torch CUDA runner, and a TensorRT runner that implements them), so no host copy is timed; otherwise
+``time.perf_counter`` around ``infer`` (CPU backends, where outputs are host arrays anyway).
+
+The report also holds kept tokens per ATS block (from the ``count_<i>`` outputs), GFLOPs per image
+(static slots and data-dependent, see :mod:`.flops`), a parity summary against the PyTorch reference (or
+the export's ``reference.npz`` where torch is absent) and the environment (versions, device, Jetson power
+mode and clocks). Files (report.json, report.md, PNG plots) are written under temporary names and renamed
+into place together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, DependencyError, GateFailed, InputError
+from ..model.checkpoints import LoadedCheckpoint
+from ..model.config import ATSConfig
+from ..runtime.base import Runner
+from .flops import CONVENTION, gflops_per_image, model_flops, slots_per_block
+
+__all__ = [
+    "BACKENDS",
+    "REPORT_FORMAT",
+    "LatencyReport",
+    "summarize",
+    "step_timer",
+    "measure_interleaved",
+    "make_factory",
+    "environment",
+    "progress_bar",
+    "report",
+    "check_gate",
+]
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+REPORT_FORMAT = "ats-deploy-report/1"
+
+RunnerFactory = Callable[[ATSConfig, int], Runner]
+
+
+# -- statistics and timing ----------------------------------------------------------------------------
+def summarize(samples_ms: Sequence[float], batch: int) -> dict:
+    """p50/p90/p99/mean/min in ms and throughput (images/s at the median) of one model at one batch."""
+    a = np.asarray(samples_ms, dtype=np.float64)
+    p50, p90, p99 = (float(v) for v in np.percentile(a, [50, 90, 99]))
+    return {
+        "p50_ms": p50,
+        "p90_ms": p90,
+        "p99_ms": p99,
+        "mean_ms": float(a.mean()),
+        "min_ms": float(a.min()),
+        "samples": int(a.size),
+        "throughput_ips": batch * 1e3 / p50 if p50 > 0 else float("inf"),
+    }
+
+
+def step_timer(runner: Runner, x: np.ndarray) -> tuple[Callable[[], float], str]:
+    """A no-argument callable returning the ms of one forward on ``x``, and the timer's name.
+
+    Runners with ``stage(x)`` and ``timed_step() -> ms`` (device timers, no host copies) are used as such;
+    any other runner is timed with ``perf_counter`` around ``infer`` (host copies included).
+    """
+    stage, timed = getattr(runner, "stage", None), getattr(runner, "timed_step", None)
+    if callable(stage) and callable(timed):
+        stage(x)
+        graph = getattr(runner, "uses_graph", False)
+        return timed, "cuda-events" + (" (CUDA graph replay)" if graph else "")
+    feed = {"pixels": x}
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        runner.infer(feed)
+        return (time.perf_counter() - t0) * 1e3
+
+    return run, "perf_counter (around infer)"
+
+
+def measure_interleaved(
+    timers: Mapping[str, Callable[[], float]],
+    *,
+    warmup: int,
+    reps: int,
+    advance: Callable[[int], None] | None = None,
+) -> dict[str, list[float]]:
+    """Run every timer ``warmup`` then ``reps`` times round-robin, reversing the order on odd rounds."""
+    names = list(timers)
+    for _ in range(warmup):
+        for name in names:
+            timers[name]()
+            if advance:
+                advance(1)
+    out: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(reps):
+        for name in names if r % 2 == 0 else reversed(names):
+            out[name].append(float(timers[name]()))
+            if advance:
+                advance(1)
+    return out
+
+
+@contextmanager
+def progress_bar(enabled: bool, total: int, description: str) -> Iterator[Callable[..., None]]:
+    """A rich progress bar on stderr; yields ``advance(n=1, description=None)`` (a no-op when disabled)."""
+    if not enabled:
+        yield lambda n=1, description=None: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*cols, console=Console(stderr=True), transient=True) as prog:
+        task = prog.add_task(description, total=total)
+
+        def advance(n: int = 1, description: str | None = None) -> None:
+            prog.update(task, advance=n, **({"description": description} if description else {}))
+
+        yield advance
+
+
+# -- backends -------------------------------------------------------------------------------------------
+def _torch_cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def make_factory(
+    backend: str,
+    ckpt: LoadedCheckpoint,
+    *,
+    opset: int = 17,
+    threads: int = 0,
+    fp16: bool = True,
+    exported: tuple[ATSConfig, Path, int | None] | None = None,
+) -> tuple[RunnerFactory, dict]:
+    """``factory(ats, batch) -> Runner`` for one backend, and a description of it for the report.
+
+    ``exported`` = (ATS config, model.onnx path, static batch or None): the exported file is used as is
+    where its ATS config and batch fit; every other (ATS config, batch) pair is rebuilt in memory from
+    the same weights with :func:`build_graph` (the dense model always is).
+    """
+    cfg, sd = ckpt.config, ckpt.state_dict
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+
+    def onnx_model(ats: ATSConfig, batch: int, sampler: str = "portable"):
+        from ..exporters.onnx import GraphOptions, build_graph
+
+        return build_graph(cfg, sd, ats, GraphOptions(batch=batch, opset=opset, sampler=sampler))  # type: ignore[arg-type]
+
+    if backend == "torch":
+        if _torch_cuda_available():
+            from ..runtime.torch_cuda import TorchCudaRunner
+
+            info = {"name": "torch", "device": "cuda", "precision": "fp16" if fp16 else "fp32", "cuda_graphs": True}
+            return (lambda ats, b: TorchCudaRunner(ckpt, ats, batch=b, fp16=fp16)), info
+        try:
+            from ..runtime.torch_runner import TorchRunner
+        except ImportError as exc:  # pragma: no cover - torch missing entirely
+            raise DependencyError("the torch backend needs PyTorch; pip install torch") from exc
+        info = {"name": "torch", "device": "cpu", "precision": "fp32", "cuda_graphs": False}
+        return (lambda ats, b: TorchRunner(ckpt, ats)), info
+
+    if backend == "onnxruntime":
+        from ..runtime.ort_runner import OrtRunner
+
+        def ort(ats: ATSConfig, batch: int) -> Runner:
+            if exported is not None and exported[0] == ats and exported[2] in (None, batch):
+                return OrtRunner(exported[1], threads=threads)
+            return OrtRunner(onnx_model(ats, batch).SerializeToString(), threads=threads)
+
+        info = {"name": "onnxruntime", "device": "cpu", "precision": "fp32", "cuda_graphs": False}
+        return ort, info
+
+    # TensorRT: imported only here. The runner is built from an ONNX file (plugin form for ATS models
+    # when the plugin library is loadable by the runner, else portable).
+    try:
+        from ..runtime import trt_runner  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise DependencyError(
+            f"the tensorrt backend is not available here ({exc}); run the report on the Jetson with TensorRT"
+        ) from None
+    cls = getattr(trt_runner, "TrtRunner", None)
+    if cls is None:
+        raise DependencyError("ats_deploy.runtime.trt_runner has no TrtRunner; update ats-deploy")
+    tmp = Path(tempfile.mkdtemp(prefix="ats-deploy-trt-"))
+
+    def trt(ats: ATSConfig, batch: int) -> Runner:
+        import inspect
+
+        import onnx
+
+        path = tmp / f"{'ats' if ats.enabled else 'dense'}_b{batch}.onnx"
+        onnx.save(onnx_model(ats, batch), str(path))
+        params = inspect.signature(cls).parameters
+        kw = {k: v for k, v in {"batch": batch, "fp16": fp16}.items() if k in params}
+        return cls(path, **kw)
+
+    info = {"name": "tensorrt", "device": "cuda", "precision": "fp16" if fp16 else "fp32", "cuda_graphs": False}
+    return trt, info
+
+
+# -- environment ----------------------------------------------------------------------------------------
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip().replace("\x00", "")
+    except OSError:
+        return None
+
+
+def _run(cmd: list[str], timeout: float = 5.0) -> str | None:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    text = (res.stdout or "").strip()
+    return text if res.returncode == 0 and text else None
+
+
+def _jetson() -> dict | None:
+    """Jetson identity, power mode and clocks where readable (None on anything that is not a Jetson)."""
+    model = _read("/proc/device-tree/model") or ""
+    release = _read("/etc/nv_tegra_release")
+    if "jetson" not in model.lower() and release is None:
+        return None
+    out: dict = {"model": model or None, "l4t": release.splitlines()[0] if release else None}
+    nv = _run(["nvpmodel", "-q"])
+    out["power_mode"] = " ".join(nv.split()) if nv else "not readable (nvpmodel missing or not permitted)"
+    clocks: dict[str, str] = {}
+    for dev in sorted(Path("/sys/class/devfreq").glob("*")) if Path("/sys/class/devfreq").exists() else []:
+        if any(s in dev.name for s in ("gpu", "ga10b", "gv11b", "gb10b")):
+            cur, mx = _read(str(dev / "cur_freq")), _read(str(dev / "max_freq"))
+            if cur:
+                clocks[f"gpu {dev.name}"] = f"{int(cur) / 1e6:.0f} MHz (max {int(mx) / 1e6:.0f})" if mx else cur
+    for cpu in sorted(Path("/sys/devices/system/cpu").glob("cpu[0-9]*"))[:16]:
+        cur = _read(str(cpu / "cpufreq/scaling_cur_freq"))
+        if cur:
+            clocks[cpu.name] = f"{int(cur) / 1e3:.0f} MHz"
+    emc = _read("/sys/kernel/debug/bpmp/debug/clk/emc/rate")
+    if emc:
+        clocks["emc"] = f"{int(emc) / 1e6:.0f} MHz"
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        jc = _run(["jetson_clocks", "--show"])
+        if jc:
+            out["jetson_clocks"] = jc.splitlines()[:40]
+    out["clocks"] = clocks or "not readable"
+    return out
+
+
+def environment(backend_info: Mapping | None = None) -> dict:
+    """Versions, host, device and (on a Jetson) power mode and clocks; absent pieces are skipped."""
+    from ..exporters.export import versions
+
+    env: dict = {"versions": versions(), "platform": platform.platform(), "machine": platform.machine()}
+    env["cpu_count"] = os.cpu_count()
+    cpuinfo = _read("/proc/cpuinfo") or ""
+    for key in ("model name", "Hardware", "Model"):
+        line = next((ln for ln in cpuinfo.splitlines() if ln.startswith(key)), None)
+        if line:
+            env["cpu"] = line.split(":", 1)[1].strip()
+            break
+    if backend_info:
+        env["backend"] = dict(backend_info)
+    try:
+        import onnxruntime as ort
+
+        env["onnxruntime_providers"] = ort.get_available_providers()
+    except ImportError:
+        pass
+    if _torch_cuda_available():
+        import torch
+
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["cuda"] = torch.version.cuda
+    jetson = _jetson()
+    if jetson is not None:
+        env["jetson"] = jetson
+    return env
+
+
+# -- the report -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LatencyReport:
+    """What :func:`report` measured and wrote. ``data`` is exactly report.json."""
+
+    out: Path
+    data: dict
+    files: tuple[str, ...]
+    gate_failures: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.gate_failures
+
+
+def check_gate(rep: LatencyReport) -> None:
+    """Raise :class:`GateFailed` (CLI exit 3) when the latency gate of ``rep`` failed."""
+    if rep.gate_failures:
+        raise GateFailed("latency gate failed: " + "; ".join(rep.gate_failures))
+
+
+def _pad_to(x: np.ndarray, batch: int) -> np.ndarray:
+    """``x`` repeated cyclically to a whole number of batches (at least one)."""
+    total = -(-len(x) // batch) * batch
+    return x[np.arange(total) % len(x)]
+
+
+def _run_padded(runner: Runner, x: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+    """Outputs for ``x`` from a static-batch runner: pad with repeats to whole batches, trim back."""
+    from ..runtime.ort_runner import stack_outputs
+
+    n = len(x)
+    xp = _pad_to(x, batch)
+    parts = [runner.infer({"pixels": xp[i : i + batch]}) for i in range(0, len(xp), batch)]
+    out = stack_outputs(parts) if len(parts) > 1 else parts[0]
+    return {k: v[:n] for k, v in out.items()}
+
+
+def _token_stats(cfg, ats: ATSConfig, outs: Mapping[str, np.ndarray]) -> dict:
+    prefix = cfg.num_prefix_tokens
+    slots = dict(zip(range(cfg.depth), slots_per_block(cfg, ats)))
+    blocks, per_image = [], {}
+    for blk, k in zip(ats.blocks, ats.k_schedule):
+        counts = np.asarray(outs[f"count_{blk}"], dtype=np.int64)
+        kp = counts - prefix
+        n_in, n_out = slots[blk]
+        max_kp = n_out - prefix
+        width = max(1, -(-(max_kp + 1) // 24))
+        edges = np.arange(0, max_kp + width + 1, width)
+        hist, _ = np.histogram(kp, bins=edges)
+        blocks.append(
+            {
+                "block": int(blk),
+                "k": int(k),
+                "slots_in": int(n_in),
+                "slots_out": int(n_out),
+                "kept_mean": float(kp.mean()),
+                "kept_p10": float(np.percentile(kp, 10)),
+                "kept_p90": float(np.percentile(kp, 90)),
+                "kept_min": int(kp.min()),
+                "kept_max": int(kp.max()),
+                "hist": {"edges": edges.tolist(), "counts": hist.tolist()},
+            }
+        )
+        per_image[str(blk)] = counts.tolist()
+    return {"images": int(len(outs["logits"])), "prefix_tokens": prefix, "blocks": blocks, "counts": per_image}
+
+
+def _flops(cfg, ats: ATSConfig, outs: Mapping[str, np.ndarray] | None) -> dict:
+    dense = model_flops(cfg, ATSConfig())
+    static = model_flops(cfg, ats)
+    d: dict = {
+        "convention": CONVENTION,
+        "dense_gflops": dense.gflops,
+        "ats_static_gflops": static.gflops,
+        "static_blocks": [b.to_dict() for b in static.blocks],
+    }
+    if outs is not None and ats.blocks:
+        per = gflops_per_image(cfg, ats, {b: outs[f"count_{b}"] for b in ats.blocks})
+        d.update(
+            ats_data_dependent_gflops=float(per.mean()),
+            ats_data_dependent_p10=float(np.percentile(per, 10)),
+            ats_data_dependent_p90=float(np.percentile(per, 90)),
+        )
+    else:
+        d["ats_data_dependent_gflops"] = static.gflops
+    return d
+
+
+def _reference(
+    backend_info: Mapping, ckpt: LoadedCheckpoint, ats: ATSConfig, pool: np.ndarray, export_dir: Path
+) -> tuple[str, np.ndarray, dict[str, np.ndarray]] | None:
+    """(label, inputs, reference outputs): PyTorch fp32 on CPU where torch exists, else reference.npz."""
+    self_ref = backend_info.get("name") == "torch" and backend_info.get("device") == "cpu"
+    if not self_ref:
+        try:
+            from ..runtime.torch_runner import TorchRunner
+
+            with TorchRunner(ckpt, ats) as tr:
+                return "torch (cpu, fp32)", pool, tr.infer({"pixels": pool})
+        except ImportError:
+            pass
+    npz = export_dir / "reference.npz"
+    if npz.exists():
+        with np.load(npz) as z:
+            data = {k: z[k] for k in z.files}
+        x = data.pop("pixels")
+        return "reference.npz (PyTorch outputs saved at export)", x, data
+    return None
+
+
+def _load_export(out_dir: Path, model, trust_pickle: bool):
+    from ..exporters.export import checkpoint_from_manifest, read_manifest
+
+    man = read_manifest(out_dir)
+    a = man["ats"]
+    ats = ATSConfig(blocks=tuple(a["blocks"]), k_schedule=tuple(a["k_schedule"]), shape_mode=a["shape_mode"])
+    ckpt = checkpoint_from_manifest(man, model=model, trust_pickle=trust_pickle)
+    return man, ats, ckpt
+
+
+def report(
+    out_dir: str | Path,
+    *,
+    backend: str = "onnxruntime",
+    batches: Sequence[int] = (1, 8, 64),
+    out: str | Path | None = None,
+    reps: int = 30,
+    warmup: int = 5,
+    images: int | None = None,
+    inputs: str | Path | None = None,
+    model: str | Path | None = None,
+    trust_pickle: bool = False,
+    max_slowdown: float | None = None,
+    raise_on_gate: bool = True,
+    threads: int = 0,
+    fp16: bool = True,
+    plots: bool = True,
+    progress: bool = True,
+    seed: int = 0,
+) -> LatencyReport:
+    """Measure the export's ATS model against its dense twin on ``backend``; write report.{json,md} + PNGs.
+
+    ``out`` defaults to ``<out_dir>/report``. ``images`` (default: the largest batch) random inputs, or the
+    ``inputs`` folder/array, give the kept-token statistics, data-dependent GFLOPs and parity.
+    ``max_slowdown`` gates the p50 ratio ATS/dense at every batch: when exceeded, the report is still
+    written, then :class:`GateFailed` is raised (exit 3) unless ``raise_on_gate`` is False (then call
+    :func:`check_gate` yourself).
+    """
+    from ..calibration.data import Preprocess, load_inputs, random_inputs
+    from .parity import TOLERANCES, compare_outputs
+
+    export_dir = Path(out_dir)
+    bs = sorted({int(b) for b in batches})
+    if not bs or bs[0] < 1:
+        raise ConfigError(f"batches {list(batches)} must be positive integers, e.g. 1,8,64")
+    if reps < 1 or warmup < 0:
+        raise ConfigError(f"reps {reps} must be >= 1 and warmup {warmup} >= 0")
+    if max_slowdown is not None and not max_slowdown > 0:
+        raise ConfigError(f"max slowdown {max_slowdown} must be a positive factor such as 1.02")
+    man, ats, ckpt = _load_export(export_dir, model, trust_pickle)
+    if not ats.enabled:
+        raise InputError(f"{export_dir} holds a dense export (no ATS blocks); export with ATS to compare")
+    cfg = ckpt.config
+    pre = Preprocess.from_dict(man["preprocessing"])
+    pool = load_inputs(inputs, pre)[0] if inputs is not None else random_inputs(images or bs[-1], pre, seed=seed)
+    onnx_path = export_dir / "model.onnx"
+    exported = (ats, onnx_path, man["graph"].get("batch")) if onnx_path.exists() else None
+    factory, info = make_factory(
+        backend, ckpt, opset=int(man["graph"].get("opset", 17)), threads=threads, fp16=fp16, exported=exported
+    )
+    dense = ATSConfig()
+    rows: list[dict] = []
+    timer_name = ""
+    pool_outs: dict[str, np.ndarray] | None = None
+    parity: dict | None = None
+    t_start = time.perf_counter()
+    with progress_bar(progress, len(bs) * (warmup + reps) * 2, "latency") as advance:
+        for b in bs:
+            advance(0, description=f"batch {b}: building")
+            runners = {"ats": factory(ats, b), "dense": factory(dense, b)}
+            try:
+                x = _pad_to(pool, b)[:b]
+                timers = {}
+                for name, r in runners.items():
+                    timers[name], timer_name = step_timer(r, x)
+                advance(0, description=f"batch {b}: timing")
+                samples = measure_interleaved(timers, warmup=warmup, reps=reps, advance=advance)
+                info["precision"] = getattr(runners["ats"], "precision", info["precision"])
+                if b == bs[-1]:
+                    advance(0, description="tokens and parity")
+                    pool_outs = _run_padded(runners["ats"], pool, b)
+                    ref = _reference(info, ckpt, ats, pool, export_dir)
+                    if ref is not None:
+                        label, rx, rout = ref
+                        got = pool_outs if rx is pool else _run_padded(runners["ats"], rx, b)
+                        tol = TOLERANCES.get(info["precision"], TOLERANCES["default"])
+                        res = compare_outputs(
+                            rout, got, blocks=ats.blocks, prefix_tokens=cfg.num_prefix_tokens, tolerances=tol
+                        )
+                        parity = {"reference": label, "precision": info["precision"], **res.to_dict()}
+            finally:
+                for r in runners.values():
+                    r.close()
+            a, d = summarize(samples["ats"], b), summarize(samples["dense"], b)
+            rows.append({"batch": b, "ats": a, "dense": d, "ratio_p50": a["p50_ms"] / d["p50_ms"]})
+    info["timer"] = timer_name
+    failures = []
+    if max_slowdown is not None:
+        for row in rows:
+            if row["ratio_p50"] > max_slowdown:
+                failures.append(
+                    f"batch {row['batch']}: ATS p50 {row['ats']['p50_ms']:.3f} ms is {row['ratio_p50']:.3f}x "
+                    f"dense {row['dense']['p50_ms']:.3f} ms (max {max_slowdown:g}x)"
+                )
+    data = {
+        "format": REPORT_FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "export": {"dir": str(export_dir.resolve()), "source": man["model"]["source"]},
+        "model": {
+            "architecture": cfg.to_dict(),
+            "ats": {**ats.to_dict(), "n_ref": cfg.n_ref, "num_tokens": cfg.num_tokens},
+        },
+        "backend": info,
+        "settings": {
+            "batches": bs,
+            "reps": reps,
+            "warmup": warmup,
+            "interleaved": True,
+            "images": int(len(pool)),
+            "inputs": str(inputs) if inputs is not None else f"random (seed {seed})",
+            "max_slowdown": max_slowdown,
+            "gate_statistic": "p50 ATS / p50 dense",
+        },
+        "latency": rows,
+        "tokens": _token_stats(cfg, ats, pool_outs) if pool_outs is not None else None,
+        "flops": _flops(cfg, ats, pool_outs),
+        "parity": parity or {"reference": None, "skipped": "no reference: torch and reference.npz are absent"},
+        "gate": {"max_slowdown": max_slowdown, "passed": not failures, "failures": failures},
+        "environment": environment(info),
+        "seconds": time.perf_counter() - t_start,
+        "plots": [],
+        "warnings": [],
+    }
+    files = _write(Path(out) if out is not None else export_dir / "report", data, plots=plots)
+    rep = LatencyReport(Path(out) if out is not None else export_dir / "report", data, files, tuple(failures))
+    if raise_on_gate:
+        check_gate(rep)
+    return rep
+
+
+def _write(out: Path, data: dict, *, plots: bool) -> tuple[str, ...]:
+    """report.json, the PNGs and report.md, all renamed into place together."""
+    from ..exporters.export import AtomicWriter
+    from .render import render_markdown, render_plots
+
+    with AtomicWriter(out) as w:
+        if plots:
+            try:
+                data["plots"] = render_plots(data, w.path)
+            except DependencyError as exc:
+                data["warnings"].append(f"PNG plots skipped: {exc}")
+        p_json = w.path("report.json")
+        p_json.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+        w.path("report.md").write_text(render_markdown(data))
+    return ("report.json", "report.md", *data["plots"])
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
