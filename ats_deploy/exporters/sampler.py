@@ -4,7 +4,8 @@ Both forms have the sampler contract's inputs and outputs (SPEC.md section 4): `
 ``count_in`` [B] int32 -> ``indices`` [B, K_out] int32, ``count_out`` [B] int32; in the dynamic shape
 mode ``indices`` is [B, s] with s = max(count_out), and the plugin node has a third output, the 0-D int64
 size tensor s. The portable form uses no Unique, NonZero or searchsorted: TopK (ascending, ties by
-index, as the ONNX spec requires), CumSum, comparisons, ArgMin and reductions, all in float32 or int64.
+index, as the ONNX spec requires), CumSum, comparisons, ArgMin, ScatterElements (flags) and reductions,
+all in float32 or int64.
 It performs exactly the operations of :func:`ats_deploy.model.ats.select_tokens`.
 """
 
@@ -108,26 +109,26 @@ def emit_portable_sampler(
     dist = g.op("Abs", g.op("Sub", g.op("Unsqueeze", ys, g.const([2])), g.op("Unsqueeze", ft, ax1)))
     dist = g.op("Where", g.op("Unsqueeze", valid_sorted, ax1), dist, big_f)  # [B, M, P]
     pick = g.op("ArgMin", dist, axis=2, keepdims=0, select_last_index=0)  # first minimum: lower F~ on a tie
-    hit = g.op("Equal", g.op("Unsqueeze", pick, g.const([2])), g.op("Unsqueeze", pos, g.const([0, 1])))
-    picked = g.op("Greater", _reduce(g, "ReduceMax", g.cast(hit, FLOAT), [1], keepdims=0), g.const(0.5, "float32"))
-    picked = g.op("And", picked, valid_sorted)  # [B, P] in sorted order
+    # De-duplicate: flag each picked sorted position. Every update writes the same value 1, so the result
+    # is the same whatever order duplicate indices are applied in.
+    ones = g.op("Add", g.op("Mul", g.cast(pick, FLOAT), zero_f), one_f)  # [B, M] of 1.0
+    flags = g.op("ScatterElements", g.op("Mul", r_sorted, zero_f), pick, ones, axis=1)
+    picked = g.op("And", g.op("Greater", flags, g.const(0.5, "float32")), valid_sorted)  # [B, P] sorted order
     rank = g.op("CumSum", g.cast(picked, INT64), g.const(1))  # 1-based output slot of each kept token
     k_out_t = g.const(k_out_static) if k_out_static is not None else g.op("Min", g.const([k_max]), n_t)
     keep = g.op("And", picked, g.op("Less", rank, k_out_t))  # at most K_out - 1 kept patches
     count_out = g.op("Add", _reduce(g, "ReduceSum", g.cast(keep, INT64), [1], keepdims=0), g.const(1))
+    # Compact: the kept sorted positions in ascending order are the first T entries of an ascending TopK
+    # over (position if kept else BIG); T = K_out - 1 (static) or max(count_out) - 1 (dynamic).
     if mode == "dynamic":
-        s = _reduce(g, "ReduceMax", count_out, [0], keepdims=1)  # [1]
-        t_col = g.arange(1, s)
+        t_dim = g.op("Sub", _reduce(g, "ReduceMax", count_out, [0], keepdims=1), g.const([1]))
     else:
         assert k_out_static is not None, "static mode needs a static slot count"
-        t_col = g.arange(1, k_out_static)
-    match = g.op(
-        "And",
-        g.op("Equal", g.op("Unsqueeze", rank, ax1), g.op("Unsqueeze", t_col, g.const([0, 2]))),
-        g.op("Unsqueeze", keep, ax1),
-    )  # [B, T, P]
-    slot_ids = g.op("Unsqueeze", g.op("Add", order, g.const(1)), ax1)
-    body = _reduce(g, "ReduceSum", g.op("Where", match, slot_ids, g.const(0)), [2], keepdims=0)  # [B, T]
+        t_dim = g.const([k_out_static - 1])
+    key2 = g.op("Where", keep, g.cast(pos, FLOAT), big_f)
+    vals2, sel = g.op("TopK", key2, t_dim, axis=1, largest=0, sorted=1, outputs=2)  # [B, T]
+    slot_ids = g.op("Add", g.op("GatherElements", order, sel, axis=1), g.const(1))
+    body = g.op("Where", g.op("Less", vals2, big_f), slot_ids, g.const(0))
     cls_col = g.op("Mul", g.op("Unsqueeze", count_out, ax1), g.const(0))
     indices = g.op("Concat", cls_col, body, axis=1)
     return g.cast(indices, INT32), g.cast(count_out, INT32)
