@@ -73,7 +73,9 @@ def main() -> None:
             out = runners[name].infer({"pixels": x})
             counts[name] = {blk: float(out[f"tokens_{blk}"].shape[1]) for blk in ats.blocks}
         times = interleaved(
-            {k: (lambda r=r: r.infer({"pixels": x})) for k, r in runners.items()}, warmup=args.warmup, reps=args.reps
+            {k: (lambda r=r, x=x: r.infer({"pixels": x})) for k, r in runners.items()},
+            warmup=args.warmup,
+            reps=args.reps,
         )
         dense_p = percentiles(times["dense"])
         dense_work = token_work(cfg, variants["dense"])
