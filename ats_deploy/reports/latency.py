@@ -34,11 +34,12 @@ import numpy as np
 from ..errors import ConfigError, DependencyError, GateFailed, InputError
 from ..model.checkpoints import LoadedCheckpoint
 from ..model.config import ATSConfig
-from ..runtime.base import Runner
+from ..runtime.base import Runner, check_pixels
 from .flops import CONVENTION, gflops_per_image, model_flops, slots_per_block
 
 __all__ = [
     "BACKENDS",
+    "QuietOrtRunner",
     "REPORT_FORMAT",
     "LatencyReport",
     "summarize",
@@ -145,6 +146,40 @@ def _torch_cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+class QuietOrtRunner(Runner):
+    """ONNX Runtime CPU session with thread spinning off, for interleaved timing.
+
+    ONNX Runtime's intra-op threads spin for a while after each run; with two or more sessions timed
+    round-robin, the idle session's spinning threads steal the cores the timed one needs, which biases
+    the comparison. Same contract as :class:`OrtRunner` (a session built from bytes or a path).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, model: str | Path | bytes, *, threads: int = 0) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise DependencyError("ONNX Runtime is not installed; pip install onnxruntime") from exc
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        src = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.static_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
+        self.channels, self.size = int(inp.shape[1]), int(inp.shape[2])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = check_pixels(feed["pixels"], channels=self.channels, size=self.size, batch=self.static_batch)
+        return dict(zip(self.output_names, self.session.run(self.output_names, {self.input_name: x})))
+
+
 def make_factory(
     backend: str,
     ckpt: LoadedCheckpoint,
@@ -183,42 +218,58 @@ def make_factory(
         return (lambda ats, b: TorchRunner(ckpt, ats)), info
 
     if backend == "onnxruntime":
-        from ..runtime.ort_runner import OrtRunner
 
         def ort(ats: ATSConfig, batch: int) -> Runner:
             if exported is not None and exported[0] == ats and exported[2] in (None, batch):
-                return OrtRunner(exported[1], threads=threads)
-            return OrtRunner(onnx_model(ats, batch).SerializeToString(), threads=threads)
+                return QuietOrtRunner(exported[1], threads=threads)
+            return QuietOrtRunner(onnx_model(ats, batch).SerializeToString(), threads=threads)
 
         info = {"name": "onnxruntime", "device": "cpu", "precision": "fp32", "cuda_graphs": False}
         return ort, info
 
-    # TensorRT: imported only here. The runner is built from an ONNX file (plugin form for ATS models
-    # when the plugin library is loadable by the runner, else portable).
+    trt = trt_runner_factory(fp16=fp16)
+
+    def trt_model(ats: ATSConfig, batch: int) -> Runner:
+        # ATS models use the plugin form (one fused sampler call per stage: what ships to the Jetson).
+        proto = onnx_model(ats, batch, "plugin" if ats.enabled else "portable")
+        return trt(proto, f"{'ats' if ats.enabled else 'dense'}_b{batch}", batch)
+
+    info = {"name": "tensorrt", "device": "cuda", "precision": "fp16" if fp16 else "fp32", "cuda_graphs": False}
+    return trt_model, info
+
+
+def trt_runner_factory(*, fp16: bool = True) -> Callable[..., Runner]:
+    """``build(onnx_proto, tag, batch) -> Runner`` through ``ats_deploy.runtime.trt_runner.TrtRunner``.
+
+    TensorRT is imported only here (lazily, inside the runner module). The ONNX is written to a private
+    temporary folder (removed at exit) and ``TrtRunner(path, batch=..., fp16=...)`` is called with those
+    keywords its signature accepts.
+    """
     try:
         from ..runtime import trt_runner  # type: ignore[attr-defined]
     except ImportError as exc:
         raise DependencyError(
-            f"the tensorrt backend is not available here ({exc}); run the report on the Jetson with TensorRT"
+            f"the tensorrt backend is not available here ({exc}); run on the Jetson with TensorRT installed"
         ) from None
     cls = getattr(trt_runner, "TrtRunner", None)
     if cls is None:
         raise DependencyError("ats_deploy.runtime.trt_runner has no TrtRunner; update ats-deploy")
+    import atexit
+    import inspect
+
     tmp = Path(tempfile.mkdtemp(prefix="ats-deploy-trt-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    params = inspect.signature(cls).parameters
 
-    def trt(ats: ATSConfig, batch: int) -> Runner:
-        import inspect
-
+    def build(proto, tag: str, batch: int) -> Runner:
         import onnx
 
-        path = tmp / f"{'ats' if ats.enabled else 'dense'}_b{batch}.onnx"
-        onnx.save(onnx_model(ats, batch), str(path))
-        params = inspect.signature(cls).parameters
+        path = tmp / f"{tag}.onnx"
+        onnx.save(proto, str(path))
         kw = {k: v for k, v in {"batch": batch, "fp16": fp16}.items() if k in params}
         return cls(path, **kw)
 
-    info = {"name": "tensorrt", "device": "cuda", "precision": "fp16" if fp16 else "fp32", "cuda_graphs": False}
-    return trt, info
+    return build
 
 
 # -- environment ----------------------------------------------------------------------------------------
