@@ -237,6 +237,33 @@ def tokens(
             )
 
 
+@app.command()
+@handle_errors
+def convert(
+    model: Annotated[Path, typer.Argument(help="A plugin-form ONNX (model.plugin.onnx).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Where to write the portable-form ONNX.")],
+) -> None:
+    """Expand AdaptiveTokenSampler plugin nodes into standard ONNX ops (runs in ONNX Runtime)."""
+    import onnx
+
+    from .errors import InputError
+    from .exporters.convert import plugin_to_portable
+    from .exporters.export import AtomicWriter, save_onnx
+
+    if not model.is_file():
+        raise InputError(
+            f"{model} does not exist; pass a plugin-form ONNX written by ats-deploy export --sampler plugin"
+        )
+    try:
+        src = onnx.load(str(model))
+    except Exception as exc:  # protobuf raises DecodeError and others on garbage
+        raise InputError(f"{model} is not a readable ONNX file ({type(exc).__name__}); re-export it") from None
+    converted = plugin_to_portable(src)
+    with AtomicWriter(out.parent if str(out.parent) else Path(".")) as w:
+        save_onnx(converted, w.path(out.name))
+    typer.echo(f"wrote {out} ({len(converted.graph.node)} nodes, portable form)")
+
+
 @plugin_app.command("build")
 @handle_errors
 def plugin_build(

@@ -21,8 +21,9 @@ Dim = int | str  # a static size, or the name of a 1-element int64 tensor holdin
 class GraphBuilder:
     """Accumulates nodes, initializers, inputs and outputs of one ONNX graph."""
 
-    def __init__(self, name: str, *, opset: int) -> None:
+    def __init__(self, name: str, *, opset: int, prefix: str = "") -> None:
         self.name = name
+        self.prefix = prefix  # prepended to generated names, to splice into an existing graph safely
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
@@ -36,7 +37,7 @@ class GraphBuilder:
     # -- naming -------------------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
         self._counter += 1
-        return f"{self.scope}{hint}_{self._counter}"
+        return f"{self.prefix}{self.scope}{hint}_{self._counter}"
 
     # -- values -------------------------------------------------------------------------------
     def initializer(self, name: str, array: np.ndarray) -> str:
@@ -48,7 +49,7 @@ class GraphBuilder:
         arr = np.asarray(value, dtype=dtype)
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._consts:
-            self._consts[key] = self.initializer(f"const_{len(self._consts)}", arr)
+            self._consts[key] = self.initializer(f"{self.prefix}const_{len(self._consts)}", arr)
         return self._consts[key]
 
     def input(self, name: str, elem_type: int, shape: Sequence[int | str | None]) -> str:

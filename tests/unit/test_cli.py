@@ -201,3 +201,28 @@ def test_import_and_help_stay_light():
 def test_version():
     res = runner.invoke(app, ["--version"])
     assert res.exit_code == 0 and "ats-deploy" in res.output
+
+
+def test_convert_plugin_form(tiny_pt, tmp_path):
+    out = tmp_path / "o"
+    res = runner.invoke(app, ["export", str(tiny_pt), "--heads", "2", "-o", str(out), "--sampler", "plugin"])
+    assert res.exit_code == 0, res.output
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["graph"]["sampler_forms"] == ["portable", "plugin"] and "model.plugin.onnx" in man["artifacts"]
+    res = runner.invoke(app, ["convert", str(out / "model.plugin.onnx"), "-o", str(tmp_path / "p.onnx")])
+    assert res.exit_code == 0, res.output
+    from ats_deploy.runtime.ort_runner import OrtRunner
+
+    x = np.random.default_rng(2).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    with OrtRunner(tmp_path / "p.onnx") as a, OrtRunner(out / "model.onnx") as b:
+        got, want = a.infer({"pixels": x}), b.infer({"pixels": x})
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    _one_line_error(
+        runner.invoke(app, ["convert", str(out / "model.onnx"), "-o", str(tmp_path / "q.onnx")]), "portable"
+    )
+    (tmp_path / "junk.onnx").write_bytes(b"garbage")
+    _one_line_error(
+        runner.invoke(app, ["convert", str(tmp_path / "junk.onnx"), "-o", str(tmp_path / "q.onnx")]),
+        "not a readable ONNX",
+    )

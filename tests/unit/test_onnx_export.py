@@ -116,3 +116,25 @@ def test_plugin_form(tiny_ckpt, shape):
     assert outside(plugin) == outside(portable)
     weights = {i.name for i in portable.graph.initializer if not i.name.startswith("const_")}
     assert weights and weights == {i.name for i in plugin.graph.initializer if not i.name.startswith("const_")}
+
+
+@pytest.mark.parametrize("shape", ["static", "dynamic"])
+@pytest.mark.parametrize("dynamic_batch", [False, True])
+def test_plugin_form_surroundings_run_in_ort(tiny_ckpt, tiny_inputs, shape, dynamic_batch):
+    """Expanding the plugin nodes back to standard ops gives exactly the portable form's outputs."""
+    from ats_deploy.exporters.convert import plugin_nodes, plugin_to_portable
+
+    ats = resolve_ats(tiny_ckpt.config, max_k="40,30,50,20", shape_mode=shape)
+    opts = GraphOptions(batch=8, dynamic_batch=dynamic_batch)
+    plugin = build_graph(
+        tiny_ckpt.config, tiny_ckpt.state_dict, ats, GraphOptions(**{**opts.__dict__, "sampler": "plugin"})
+    )
+    portable = build_graph(tiny_ckpt.config, tiny_ckpt.state_dict, ats, opts)
+    expanded = plugin_to_portable(plugin)
+    assert not plugin_nodes(expanded) and len(plugin_nodes(plugin)) == 4
+    onnx.checker.check_model(expanded, full_check=True)
+    with OrtRunner(expanded.SerializeToString()) as a, OrtRunner(portable.SerializeToString()) as b:
+        got, want = a.infer({"pixels": tiny_inputs}), b.infer({"pixels": tiny_inputs})
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
