@@ -9,8 +9,8 @@ Method (``tune_k``):
 
 1. Sweep: a stack of ``stack_depth`` dense blocks (patch embedding, then the first n tokens, blocks,
    head) timed at token counts n (every ``step`` tokens, optionally refined token by token inside each
-   detected jump), round-robin with the full dense model and with the same stack made of ATS blocks at
-   K = n (whose extra time over the dense stack is the sampler overhead per stage).
+   detected jump), round-robin with the full dense model and the full ATS model at K = n_ref (no slot
+   saved: its extra time over dense, per stage, is the sampler overhead).
 2. Steps: a non-decreasing fit of the sweep (pool-adjacent-violators), cut into plateaus whose rise stays
    below the noise threshold; the largest n on each plateau is a candidate (the cheapest count on its step).
 3. Schedule: start every ATS block at the top candidate (K = n_ref) and lower, one step at a time, the
@@ -75,9 +75,9 @@ class TuneResult:
     stack_depth: int
     step_ends: tuple[int, ...]  # largest token count on each plateau
     overhead_ms: float  # sampler overhead per ATS stage
-    dense_sweep_ms: float  # dense model p50 measured during the sweep
-    predicted_ms: float
-    predicted_ratio: float
+    dense_sweep_ms: float  # dense model p20 measured during the sweep
+    predicted_ms: float  # predicted_ratio x the dense p50 measured in the check run
+    predicted_ratio: float  # predicted ATS / dense, from the sweep
     measured_ms: dict  # summarize() of the ATS model with the schedule
     measured_dense_ms: dict  # summarize() of the dense model, same run
     measured_ratio: float
@@ -348,7 +348,7 @@ def tune_k(
     def sweep(points: list[int], *, with_models: bool, advance) -> dict[str, list[float]]:
         runners: dict[str, Runner] = {f"n{n}": stack(n, stack_depth, None, batch) for n in points}
         if with_models:
-            runners["ats_stack"] = stack(big_n, stack_depth, cfg.n_ref, batch)
+            runners["ats_full"] = full(ATSConfig(blocks=tuple(blocks), k_schedule=(cfg.n_ref,) * len(blocks)), batch)
             runners["dense"] = full(dense, batch)
         try:
             timers = {k: step_timer(r, x)[0] for k, r in runners.items()}
@@ -380,9 +380,10 @@ def tune_k(
             p50.update({n: float(np.percentile(more[f"n{n}"], SWEEP_QUANTILE)) for n in extra_pts})
             ns = sorted(p50)
             fit = isotonic([p50[n] for n in ns])
-    dense_ms = float(np.median(samples["dense"]))
-    ats_stack = float(np.percentile(samples["ats_stack"], SWEEP_QUANTILE))
-    overhead = max(0.0, (ats_stack - p50[big_n]) / stack_depth)
+    # The sampler overhead per stage: the full model with K = n_ref (no slot saved anywhere) over dense.
+    dense_ms = float(np.percentile(samples["dense"], SWEEP_QUANTILE))
+    ats_full = float(np.percentile(samples["ats_full"], SWEEP_QUANTILE))
+    overhead = max(0.0, (ats_full - dense_ms) / len(blocks))
     ends = plateau_ends(ns, fit, threshold)
     fit_arr = np.asarray(fit)
 
@@ -435,6 +436,7 @@ def tune_k(
             for r in runners.values():
                 r.close()
     m_ats, m_dense = summarize(meas["ats"], batch), summarize(meas["dense"], batch)
+    ratio = current / dense_ms
     return TuneResult(
         backend=info["name"],
         batch=batch,
@@ -449,8 +451,8 @@ def tune_k(
         step_ends=tuple(ends),
         overhead_ms=overhead,
         dense_sweep_ms=dense_ms,
-        predicted_ms=current,
-        predicted_ratio=current / dense_ms,
+        predicted_ms=ratio * m_dense["p50_ms"],
+        predicted_ratio=ratio,
         measured_ms=m_ats,
         measured_dense_ms=m_dense,
         measured_ratio=m_ats["p50_ms"] / m_dense["p50_ms"],
@@ -474,7 +476,7 @@ def format_tune(res: TuneResult) -> str:
     lines = [
         f"tune-k on {res.backend}, batch {res.batch}: K schedule {list(res.k_schedule)} for blocks {list(res.blocks)}",
         f"  steps (largest token count per plateau): {list(res.step_ends)}",
-        f"  sampler overhead {res.overhead_ms:.3f} ms per stage; dense {res.dense_sweep_ms:.3f} ms in the sweep",
+        f"  sampler overhead {res.overhead_ms:.3f} ms per stage; dense p20 {res.dense_sweep_ms:.3f} ms in the sweep",
         f"  predicted {res.predicted_ms:.3f} ms ({res.predicted_ratio:.3f}x dense, target {res.target_ratio:g}x)"
         + ("" if res.feasible else "  [target not reachable with K >= k_min]"),
         f"  measured  {res.measured_ms['p50_ms']:.3f} ms vs dense {res.measured_dense_ms['p50_ms']:.3f} ms"

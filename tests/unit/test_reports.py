@@ -203,7 +203,7 @@ def test_tune_k_returns_a_valid_schedule_and_predicted_vs_measured(tiny_ckpt):
     assert res.sweep_tokens[-1] == cfg.num_tokens and set(res.step_ends) <= set(res.sweep_tokens)
     assert np.all(np.diff(res.fit_ms) >= 0)
     assert res.overhead_ms >= 0 and res.predicted_ms > 0 and res.dense_sweep_ms > 0
-    assert res.predicted_ratio == pytest.approx(res.predicted_ms / res.dense_sweep_ms)
+    assert res.predicted_ms == pytest.approx(res.predicted_ratio * res.measured_dense_ms["p50_ms"])
     assert res.measured_ms["p50_ms"] > 0 and res.measured_dense_ms["p50_ms"] > 0
     assert res.measured_ratio == pytest.approx(res.measured_ms["p50_ms"] / res.measured_dense_ms["p50_ms"])
     if res.feasible:
