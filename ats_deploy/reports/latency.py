@@ -77,14 +77,23 @@ def summarize(samples_ms: Sequence[float], batch: int) -> dict:
 def step_timer(runner: Runner, x: np.ndarray) -> tuple[Callable[[], float], str]:
     """A no-argument callable returning the ms of one forward on ``x``, and the timer's name.
 
-    Runners with ``stage(x)`` and ``timed_step() -> ms`` (device timers, no host copies) are used as such;
-    any other runner is timed with ``perf_counter`` around ``infer`` (host copies included).
+    Runners with ``stage(x)`` and ``timed_step() -> ms`` (device timers, no host copies) are used as such,
+    and ``time_inference(x, iterations, warmup)`` (TrtRunner) one timed run at a time; any other runner is
+    timed with ``perf_counter`` around ``infer`` (host copies included).
     """
     stage, timed = getattr(runner, "stage", None), getattr(runner, "timed_step", None)
     if callable(stage) and callable(timed):
         stage(x)
         graph = getattr(runner, "uses_graph", False)
         return timed, "cuda-events" + (" (CUDA graph replay)" if graph else "")
+    device_times = getattr(runner, "time_inference", None)  # TrtRunner: CUDA events around the launch
+    if callable(device_times):
+        graph = getattr(runner, "use_graph", False)
+
+        def one() -> float:
+            return float(device_times(x, iterations=1, warmup=1)[0])
+
+        return one, "cuda-events" + (" (CUDA graph launch)" if graph else "")
     feed = {"pixels": x}
 
     def run() -> float:
@@ -232,42 +241,53 @@ def make_factory(
     def trt_model(ats: ATSConfig, batch: int) -> Runner:
         # ATS models use the plugin form (one fused sampler call per stage: what ships to the Jetson).
         proto = onnx_model(ats, batch, "plugin" if ats.enabled else "portable")
-        return trt(proto, f"{'ats' if ats.enabled else 'dense'}_b{batch}", batch)
+        return trt(proto, f"{'ats' if ats.enabled else 'dense'}_b{batch}", batch, cfg=cfg, ats=ats)
 
-    info = {"name": "tensorrt", "device": "cuda", "precision": "fp16" if fp16 else "fp32", "cuda_graphs": False}
+    info = {"name": "tensorrt", "device": "cuda", "precision": "fp32", "cuda_graphs": True}
     return trt_model, info
 
 
 def trt_runner_factory(*, fp16: bool = True) -> Callable[..., Runner]:
-    """``build(onnx_proto, tag, batch) -> Runner`` through ``ats_deploy.runtime.trt_runner.TrtRunner``.
+    """``build(onnx_proto, tag, batch) -> Runner``: a TensorRT engine built on this device, in a TrtRunner.
 
-    TensorRT is imported only here (lazily, inside the runner module). The ONNX is written to a private
-    temporary folder (removed at exit) and ``TrtRunner(path, batch=..., fp16=...)`` is called with those
-    keywords its signature accepts.
+    TensorRT is imported only here (through :mod:`ats_deploy.exporters.trt`). Each graph is written with
+    a manifest into its own private temporary folder (removed at exit), built with
+    :func:`~ats_deploy.exporters.trt.build_engine` (its engine cache makes reruns cheap) and loaded by
+    :class:`~ats_deploy.runtime.trt_runner.TrtRunner`. Engines are strongly typed: their precision is the
+    ONNX's (float32 here until an fp16 ONNX pass exists; ``fp16`` is accepted for symmetry and unused).
     """
     try:
-        from ..runtime import trt_runner  # type: ignore[attr-defined]
+        from ..exporters import trt as trt_build
+        from ..runtime.trt_runner import TrtRunner
     except ImportError as exc:
         raise DependencyError(
             f"the tensorrt backend is not available here ({exc}); run on the Jetson with TensorRT installed"
         ) from None
-    cls = getattr(trt_runner, "TrtRunner", None)
-    if cls is None:
-        raise DependencyError("ats_deploy.runtime.trt_runner has no TrtRunner; update ats-deploy")
     import atexit
-    import inspect
 
-    tmp = Path(tempfile.mkdtemp(prefix="ats-deploy-trt-"))
-    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
-    params = inspect.signature(cls).parameters
+    from ..exporters.export import MANIFEST, build_manifest, preprocess_for, save_onnx, sha256_file
+    from ..exporters.onnx import GraphOptions
 
-    def build(proto, tag: str, batch: int) -> Runner:
-        import onnx
+    root = Path(tempfile.mkdtemp(prefix="ats-deploy-trt-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
 
-        path = tmp / f"{tag}.onnx"
-        onnx.save(proto, str(path))
-        kw = {k: v for k, v in {"batch": batch, "fp16": fp16}.items() if k in params}
-        return cls(path, **kw)
+    def build(proto, tag: str, batch: int, *, cfg=None, ats: ATSConfig | None = None) -> Runner:
+        d = root / tag
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / "model.onnx"
+        save_onnx(proto, path)
+        if cfg is not None:
+            man = build_manifest(
+                cfg,
+                ats or ATSConfig(),
+                GraphOptions(batch=batch),
+                pre=preprocess_for(cfg),
+                files={"model.onnx": sha256_file(path)},
+                source={"kind": "report", "tag": tag},
+            )
+            (d / MANIFEST).write_text(json.dumps(man, indent=2))
+        res = trt_build.build_engine(path)
+        return TrtRunner(res.plan)
 
     return build
 

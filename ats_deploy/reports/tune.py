@@ -257,7 +257,9 @@ def _stack_factory(backend: str, ckpt: LoadedCheckpoint, *, opset: int, threads:
 
     def trt(tokens: int, depth: int, k: int | None, batch: int) -> Runner:
         proto = stack_onnx(ckpt.config, ckpt.state_dict, tokens=tokens, depth=depth, k=k, batch=batch, opset=opset)
-        return build(proto, f"stack_n{tokens}_d{depth}_k{k or 0}_b{batch}", batch)
+        ats = ATSConfig(blocks=tuple(range(ckpt.config.depth - depth, ckpt.config.depth)), k_schedule=(k,) * depth)
+        tag = f"stack_n{tokens}_d{depth}_k{k or 0}_b{batch}"
+        return build(proto, tag, batch, cfg=ckpt.config, ats=ats if k else ATSConfig())
 
     return trt
 
