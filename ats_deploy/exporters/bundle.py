@@ -1,0 +1,332 @@
+"""What goes to the Jetson: one .tar.gz with the ONNX forms, plugin sources, manifest, reference and steps.
+
+Engines are not portable (SPEC.md section 5), so the bundle carries what the Jetson needs to build them
+itself: every ONNX form of the export (portable, plugin, fp16/int8 forms when present), any INT8 scale files,
+``manifest.json``, ``reference.npz`` (parity without torch), the plugin's C++/CUDA sources
+(``plugins/ats_sampler``), a generated README with the exact commands for JetPack 6.1/6.2 (TensorRT 10.3,
+Orin sm_87) and JetPack 7.x (TensorRT 10.13+/11.x, Thor sm_110), and ``SHA256SUMS``. The archive is written
+under a temporary name and renamed into place. numpy/onnx only: no torch, no tensorrt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ExportError, InputError
+
+__all__ = ["BundleResult", "CLI_OPTIONS", "make_bundle", "render_readme"]
+
+PLUGIN_LIB = "build/ats_sampler/libats_sampler.so"
+TRTEXEC = "/usr/src/tensorrt/bin/trtexec"
+# The ats-deploy command lines the README uses, with the options each one needs (tests check them).
+CLI_OPTIONS: dict[str, tuple[str, ...]] = {
+    "plugin build": ("--cuda-arch", "--build-dir"),
+    "build": ("--precision", "--plugin-lib", "-o", "--batch"),
+    "verify": ("--reference", "--plugin-lib"),
+}
+JETPACKS = (
+    # label, L4T, TensorRT, CUDA, GPU, arch
+    ("JetPack 6.1 / 6.2", "R36.4", "10.3", "12.6", "Orin", "87"),
+    ("JetPack 7.x", "R38", "10.13+ (11.x from JetPack 7.2.2)", "13", "Thor", "110"),
+)
+_SKIP_DIRS = {"build", "__pycache__", ".git"}
+
+
+@dataclass(frozen=True)
+class BundleResult:
+    path: Path
+    files: tuple[str, ...]  # paths inside the archive, relative to its top folder
+    sha256: str
+    bytes: int
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "files": list(self.files), "sha256": self.sha256, "bytes": self.bytes}
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _is_scales(p: Path) -> bool:
+    return p.suffix in (".json", ".npz") and "scale" in p.name.lower()
+
+
+def _collect(out: Path) -> dict[str, Path]:
+    """Export artifacts to ship, name -> path (ONNX forms + side data, scales, manifest, reference)."""
+    files: dict[str, Path] = {}
+    for p in sorted(out.iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        if p.suffix == ".onnx" or p.name.endswith(".onnx.data") or _is_scales(p):
+            files[p.name] = p
+        elif p.name in ("manifest.json", "reference.npz"):
+            files[p.name] = p
+    return files
+
+
+def _check_manifest(out: Path, files: dict[str, Path]) -> dict:
+    man_path = out / "manifest.json"
+    if not man_path.is_file():
+        raise InputError(f"{out} has no manifest.json; pass the directory written by ats-deploy export")
+    if "model.onnx" not in files:
+        raise InputError(f"{out} has no model.onnx; re-run ats-deploy export -o {out}")
+    try:
+        man = json.loads(man_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{man_path} is not readable JSON ({exc}); re-run ats-deploy export") from None
+    from .trt import sha256_file
+
+    for name, art in man.get("artifacts", {}).items():
+        p = out / name
+        if not p.is_file():
+            raise InputError(f"{out} lacks {name}, which its manifest lists; re-run ats-deploy export -o {out}")
+        if art.get("sha256") and sha256_file(p) != art["sha256"]:
+            raise InputError(f"{p} does not match its manifest (sha256); re-run ats-deploy export -o {out}")
+    return man
+
+
+def _plugin_files(plugin_src: Path | None) -> dict[str, Path]:
+    from .plugin_lib import plugin_source_dir
+
+    src = Path(plugin_src) if plugin_src is not None else plugin_source_dir()
+    if not (src / "CMakeLists.txt").is_file():
+        raise InputError(f"{src} is not the plugin source folder (no CMakeLists.txt); pass plugins/ats_sampler")
+    out: dict[str, Path] = {}
+    for root, dirs, names in os.walk(src, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+        for n in sorted(names):
+            p = Path(root) / n
+            if p.is_file() and not n.startswith(".") and not n.endswith((".o", ".so", ".pyc")):
+                out["plugins/ats_sampler/" + p.relative_to(src).as_posix()] = p
+    return out
+
+
+def _forms(out: Path, onnx_names: list[str]) -> list[dict]:
+    """Per ONNX form: its name, precision, whether it has plugin nodes, and the engine name the README uses."""
+    from .trt import inspect_onnx
+
+    forms = []
+    for name in onnx_names:
+        facts = inspect_onnx(out / name)
+        stem = name[: -len(".onnx")]
+        plan = (
+            "model.plan" if stem == "model.plugin" else ("model.portable.plan" if stem == "model" else stem + ".plan")
+        )
+        forms.append(
+            {
+                "onnx": name,
+                "precision": facts.precision,
+                "plugin": facts.plugin_nodes > 0,
+                "plan": plan,
+                "shape": list(facts.input_shape),
+                "batch": facts.batch,
+            }
+        )
+    # The plugin form first: it is the one the project ships; then the portable one, then the rest.
+    order = {"model.plugin.onnx": 0, "model.onnx": 1}
+    return sorted(forms, key=lambda f: (order.get(f["onnx"], 2), f["onnx"]))
+
+
+def render_readme(man: dict, forms: list[dict], contents: list[str]) -> str:
+    """The bundle's README: exact steps on the Jetson (plugin, engines, verify, benchmark)."""
+    ats = man.get("ats", {})
+    graph = man.get("graph", {})
+    shape_mode = ats.get("shape_mode", "static")
+    dyn_batch = bool(graph.get("dynamic_batch"))
+    arch_src = man.get("model", {}).get("architecture", {})
+    img, chans = arch_src.get("img_size", 224), arch_src.get("in_chans", 3)
+    has_plugin = any(f["plugin"] for f in forms)
+    lines = [
+        "# ats-deploy bundle",
+        "",
+        f"A ViT with Adaptive Token Sampling exported by ats-deploy: ATS blocks {ats.get('blocks')}, "
+        f"K {ats.get('k_schedule')}, shape mode `{shape_mode}`, "
+        + (
+            f"dynamic batch, input [B, {chans}, {img}, {img}]."
+            if dyn_batch
+            else f"batch {graph.get('batch')}, input [{graph.get('batch')}, {chans}, {img}, {img}]."
+        ),
+        "TensorRT engines are not portable across GPUs or TensorRT versions: build them on the Jetson itself,",
+        "with the steps below, in this folder.",
+        "",
+        "## Supported platforms",
+        "",
+        "| JetPack | L4T | TensorRT | CUDA | GPU | `--cuda-arch` |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, l4t, trt_v, cuda_v, gpu, arch in JETPACKS:
+        lines.append(f"| {label} | {l4t} | {trt_v} | {cuda_v} | {gpu} | {arch} |")
+    lines += [
+        "",
+        "JetPack 5.x (TensorRT 8.5) and 6.0 (TensorRT 8.6) cannot host the IPluginV3 sampler plugin; "
+        "ats-deploy refuses them. Engines are strongly typed: the precision is that of the ONNX file.",
+        "",
+        "## Contents",
+        "",
+    ]
+    lines += [f"- `{c}`" for c in contents]
+    lines += [
+        "",
+        "## 1. Install (once)",
+        "",
+        "JetPack's TensorRT Python bindings live in the system Python, so the virtual environment sees them:",
+        "",
+        "```",
+        "python3 -m venv --system-site-packages ~/ats-venv",
+        "~/ats-venv/bin/pip install ats-deploy cuda-python",
+        ". ~/ats-venv/bin/activate",
+        "```",
+        "",
+    ]
+    if has_plugin:
+        lines += ["## 2. Build the sampler plugin", ""]
+        for label, _, _, _, gpu, arch in JETPACKS:
+            lines += [
+                f"{label} ({gpu}, sm_{arch}):",
+                "",
+                "```",
+                f"ats-deploy plugin build --cuda-arch {arch} --build-dir build/ats_sampler",
+                "```",
+                "",
+            ]
+        lines += [
+            "Or with CMake directly from the sources in this bundle (same result):",
+            "",
+            "```",
+            "cmake -S plugins/ats_sampler -B build/ats_sampler -DCMAKE_BUILD_TYPE=Release "
+            "-DCMAKE_CUDA_ARCHITECTURES=87 -DTensorRT_ROOT=/usr",
+            "cmake --build build/ats_sampler --target ats_sampler --parallel",
+            "```",
+            "",
+            f"Either way the library is `{PLUGIN_LIB}`.",
+            "",
+        ]
+    batch_opt = " --batch 1,1,16" if dyn_batch else ""
+    lines += ["## 3. Build the engines", "", "```"]
+    for f in forms:
+        plug = f" --plugin-lib {PLUGIN_LIB}" if f["plugin"] else ""
+        lines.append(f"ats-deploy build {f['onnx']} --precision {f['precision']}{plug}{batch_opt} -o {f['plan']}")
+    lines += [
+        "```",
+        "",
+        "Each build writes the plan and, beside it, `<plan>.json` (TensorRT/CUDA versions, GPU, precision, hashes).",
+        "Builds are cached in `~/.cache/ats-deploy/engines`; `--batch MIN,OPT,MAX` sets the batch profile of a "
+        "dynamic-batch graph.",
+        "",
+        "## 4. Verify against PyTorch",
+        "",
+        "`reference.npz` holds the inputs and the PyTorch outputs; exit code 3 means a parity gate failed.",
+        "",
+        "```",
+    ]
+    for f in forms:
+        plug = f" --plugin-lib {PLUGIN_LIB}" if f["plugin"] else ""
+        lines.append(f"ats-deploy verify {f['plan']} --reference reference.npz{plug}")
+    shapes = f" --shapes=pixels:1x{chans}x{img}x{img}" if dyn_batch else ""
+    graph_flag = " --useCudaGraph" if shape_mode == "static" else ""
+    lines += ["```", "", "## 5. Benchmark", ""]
+    if shape_mode != "static":
+        lines += [
+            "Shape mode `dynamic` has data-dependent shapes, which a CUDA graph cannot capture, so `--useCudaGraph` is "
+            "left out.",
+            "",
+        ]
+    lines += ["```"]
+    for f in forms:
+        plug = f" --staticPlugins={PLUGIN_LIB}" if f["plugin"] else ""
+        lines.append(
+            f"{TRTEXEC} --loadEngine={f['plan']}{plug}{shapes}{graph_flag} --noDataTransfers --useSpinWait "
+            "--percentile=50,90,99"
+        )
+    lines += ["```", ""]
+    if has_plugin:
+        lines += [
+            "`--staticPlugins` loads the default (self-registering) plugin build. For `--dynamicPlugins` (TensorRT's",
+            "`loadLibrary` path, also `--setPluginsToSerialize`) build the plugin with `-DATS_SELF_REGISTER=OFF`:",
+            "",
+            "```",
+            "cmake -S plugins/ats_sampler -B build/ats_sampler_dyn -DCMAKE_BUILD_TYPE=Release "
+            "-DCMAKE_CUDA_ARCHITECTURES=87 -DTensorRT_ROOT=/usr -DATS_SELF_REGISTER=OFF",
+            "cmake --build build/ats_sampler_dyn --target ats_sampler --parallel",
+            f"{TRTEXEC} --loadEngine=model.plan --dynamicPlugins=build/ats_sampler_dyn/libats_sampler.so{shapes}"
+            f"{graph_flag} --noDataTransfers --useSpinWait --percentile=50,90,99",
+            "```",
+            "",
+        ]
+    lines += [
+        "Lock the clocks first for stable numbers (`sudo nvpmodel -m 0 && sudo jetson_clocks`) and compare the ATS",
+        "engine with a dense export (`--ats-blocks none`) built and measured the same way.",
+        "",
+        f"Bundle written {time.strftime('%Y-%m-%d', time.gmtime())} by ats-deploy "
+        f"{man.get('versions', {}).get('ats_deploy', '?')}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def make_bundle(
+    out_dir: str | os.PathLike[str],
+    output_tar_gz: str | os.PathLike[str],
+    *,
+    plugin_src: str | os.PathLike[str] | None = None,
+    name: str | None = None,
+) -> BundleResult:
+    """Pack the export in ``out_dir`` (+ plugin sources, README, SHA256SUMS) into ``output_tar_gz``.
+
+    ``name`` is the archive's top folder (default: the archive's name without ``.tar.gz``).
+    """
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise InputError(f"{out} is not a directory; pass the directory written by ats-deploy export")
+    dest = Path(output_tar_gz)
+    top = name or dest.name.removesuffix(".tar.gz").removesuffix(".tgz") or "ats-bundle"
+    artifacts = _collect(out)
+    man = _check_manifest(out, artifacts)
+    payload: dict[str, Path | bytes] = dict(artifacts)
+    payload.update(_plugin_files(Path(plugin_src) if plugin_src is not None else None))
+    forms = _forms(out, [n for n in artifacts if n.endswith(".onnx")])
+    contents = sorted([*payload, "README.md", "SHA256SUMS"])
+    payload["README.md"] = render_readme(man, forms, contents).encode()
+    sums = []
+    for arc in sorted(payload):
+        item = payload[arc]
+        data = item if isinstance(item, bytes) else None
+        if data is None:
+            from .trt import sha256_file
+
+            sums.append(f"{sha256_file(item)}  {arc}")
+        else:
+            sums.append(f"{_sha256_bytes(data)}  {arc}")
+    payload["SHA256SUMS"] = ("\n".join(sums) + "\n").encode()
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        with tarfile.open(tmp, "w:gz") as tar:
+            now = int(time.time())
+            for arc in sorted(payload):
+                item = payload[arc]
+                if isinstance(item, bytes):
+                    info = tarfile.TarInfo(f"{top}/{arc}")
+                    info.size, info.mtime, info.mode = len(item), now, 0o644
+                    tar.addfile(info, io.BytesIO(item))
+                else:
+                    tar.add(str(item), arcname=f"{top}/{arc}", recursive=False)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise ExportError(f"cannot write {dest} ({exc.strerror}); free space or choose another path") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    digest = hashlib.sha256(dest.read_bytes()).hexdigest()
+    return BundleResult(dest, tuple(sorted(payload)), digest, dest.stat().st_size)
