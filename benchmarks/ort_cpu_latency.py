@@ -69,7 +69,7 @@ def main() -> None:
         runners, counts = {}, {}
         for name, ats in variants.items():
             model = build_graph(cfg, ck.state_dict, ats, GraphOptions(batch=b))
-            runners[name] = OrtRunner(model.SerializeToString(), threads=args.threads)
+            runners[name] = OrtRunner(model.SerializeToString(), threads=args.threads, spin=False)
             out = runners[name].infer({"pixels": x})
             counts[name] = {blk: float(out[f"tokens_{blk}"].shape[1]) for blk in ats.blocks}
         times = interleaved(

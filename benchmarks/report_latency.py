@@ -43,8 +43,9 @@ def main() -> None:
     from ats_deploy.model.default import default_checkpoint
     from ats_deploy.model.presets import preset
     from ats_deploy.reports.flops import static_gflops
-    from ats_deploy.reports.latency import QuietOrtRunner, environment, measure_interleaved, step_timer, summarize
+    from ats_deploy.reports.latency import environment, measure_interleaved, step_timer, summarize
     from ats_deploy.reports.tune import format_tune, tune_k
+    from ats_deploy.runtime.ort_runner import OrtRunner
 
     cfg = preset(args.model)
     ck = default_checkpoint(cfg=cfg)
@@ -62,9 +63,10 @@ def main() -> None:
     variants = {"dense": ATSConfig(), "ats_k197": resolve_ats(cfg), "ats_tuned": tuned.ats_config()}
     x = random_inputs(args.batch, preprocess_for(cfg), seed=0)
     runners = {
-        name: QuietOrtRunner(
+        name: OrtRunner(
             build_graph(cfg, ck.state_dict, ats, GraphOptions(batch=args.batch)).SerializeToString(),
             threads=args.threads,
+            spin=False,
         )
         for name, ats in variants.items()
     }

@@ -34,12 +34,12 @@ import numpy as np
 from ..errors import ConfigError, DependencyError, GateFailed, InputError
 from ..model.checkpoints import LoadedCheckpoint
 from ..model.config import ATSConfig
-from ..runtime.base import Runner, check_pixels
+from ..runtime.base import Runner
+from ..runtime.ort_runner import OrtRunner
 from .flops import CONVENTION, gflops_per_image, model_flops, slots_per_block
 
 __all__ = [
     "BACKENDS",
-    "QuietOrtRunner",
     "REPORT_FORMAT",
     "LatencyReport",
     "summarize",
@@ -155,40 +155,6 @@ def _torch_cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-class QuietOrtRunner(Runner):
-    """ONNX Runtime CPU session with thread spinning off, for interleaved timing.
-
-    ONNX Runtime's intra-op threads spin for a while after each run; with two or more sessions timed
-    round-robin, the idle session's spinning threads steal the cores the timed one needs, which biases
-    the comparison. Same contract as :class:`OrtRunner` (a session built from bytes or a path).
-    """
-
-    name = "onnxruntime"
-
-    def __init__(self, model: str | Path | bytes, *, threads: int = 0) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise DependencyError("ONNX Runtime is not installed; pip install onnxruntime") from exc
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        src = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        self.static_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
-        self.channels, self.size = int(inp.shape[1]), int(inp.shape[2])
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = check_pixels(feed["pixels"], channels=self.channels, size=self.size, batch=self.static_batch)
-        return dict(zip(self.output_names, self.session.run(self.output_names, {self.input_name: x})))
-
-
 def make_factory(
     backend: str,
     ckpt: LoadedCheckpoint,
@@ -230,8 +196,8 @@ def make_factory(
 
         def ort(ats: ATSConfig, batch: int) -> Runner:
             if exported is not None and exported[0] == ats and exported[2] in (None, batch):
-                return QuietOrtRunner(exported[1], threads=threads)
-            return QuietOrtRunner(onnx_model(ats, batch).SerializeToString(), threads=threads)
+                return OrtRunner(exported[1], threads=threads, spin=False)
+            return OrtRunner(onnx_model(ats, batch).SerializeToString(), threads=threads, spin=False)
 
         info = {"name": "onnxruntime", "device": "cpu", "precision": "fp32", "cuda_graphs": False}
         return ort, info

@@ -34,9 +34,9 @@ from ..model.checkpoints import LoadedCheckpoint
 from ..model.config import ATSConfig, ViTConfig, resolve_ats
 from ..model.reference import output_slots
 from ..runtime.base import Runner, check_pixels
+from ..runtime.ort_runner import OrtRunner
 from .flops import block_flops
 from .latency import (
-    QuietOrtRunner,
     make_factory,
     measure_interleaved,
     progress_bar,
@@ -246,7 +246,7 @@ def _stack_factory(backend: str, ckpt: LoadedCheckpoint, *, opset: int, threads:
 
         def ort(tokens: int, depth: int, k: int | None, batch: int) -> Runner:
             proto = stack_onnx(ckpt.config, ckpt.state_dict, tokens=tokens, depth=depth, k=k, batch=batch, opset=opset)
-            return QuietOrtRunner(proto.SerializeToString(), threads=threads)
+            return OrtRunner(proto.SerializeToString(), threads=threads, spin=False)
 
         return ort
     if backend == "torch":

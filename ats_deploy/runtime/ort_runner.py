@@ -15,7 +15,11 @@ __all__ = ["OrtRunner"]
 class OrtRunner(Runner):
     name = "onnxruntime"
 
-    def __init__(self, model: str | Path | bytes, *, providers: list[str] | None = None, threads: int = 0) -> None:
+    def __init__(
+        self, model: str | Path | bytes, *, providers: list[str] | None = None, threads: int = 0, spin: bool = True
+    ) -> None:
+        """``spin=False`` stops idle intra-op threads from spinning after a run: needed when several
+        sessions are timed round-robin, or the idle ones steal the cores of the one being timed."""
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -24,6 +28,9 @@ class OrtRunner(Runner):
         if threads:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         src = model if isinstance(model, bytes) else str(model)
         if not isinstance(model, bytes) and not Path(model).is_file():
             raise InputError(f"ONNX file {model} does not exist; run ats-deploy export first")
