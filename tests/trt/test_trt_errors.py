@@ -1,0 +1,201 @@
+"""The device path's refusals, on any machine (no TensorRT, GPU or torch needed by the code under test).
+
+Each bad input is one line of DependencyError/InputError/ConfigError naming the fix: TensorRT missing,
+JetPack too old, plugin library missing, ONNX without manifest, corrupt plan, engine for another GPU or
+TensorRT, reference from another model. Also: the device-path modules import neither torch nor tensorrt.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _helpers.trt_helpers import fake_record, tiny_export
+
+from ats_deploy.errors import ConfigError, DependencyError, InputError
+from ats_deploy.exporters import trt as trt_build
+from ats_deploy.exporters.trt import BuildSettings, build_engine, check_platform, read_record, record_path
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert text and "\n" not in text, text
+    return text
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory) -> Path:
+    return tiny_export(tmp_path_factory.mktemp("errors_export"), parity_count=2)
+
+
+@pytest.fixture
+def fake_plan(export_dir, tmp_path) -> Path:
+    """A plan file with a record describing it (as a build on a Jetson Orin would write)."""
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"not really an engine, but the record's hash matches" * 100)
+    rec = fake_record(export_dir, engine={"sha256": trt_build.sha256_file(plan)})
+    record_path(plan).write_text(json.dumps({**rec}))
+    return plan
+
+
+def test_device_modules_import_neither_torch_nor_tensorrt():
+    code = (
+        "import sys\n"
+        "import ats_deploy.exporters.trt, ats_deploy.exporters.rtx_plugin, ats_deploy.exporters.bundle\n"
+        "import ats_deploy.runtime.trt_runner, ats_deploy.runtime.verify\n"
+        "bad = [m for m in ('torch', 'tensorrt', 'tensorrt_rtx', 'onnxruntime', 'cuda') if m in sys.modules]\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_missing_tensorrt_module_is_one_line(export_dir, monkeypatch):
+    monkeypatch.setitem(trt_build.BACKEND_MODULES, "tensorrt", "tensorrt_does_not_exist")
+    with pytest.raises(DependencyError) as err:
+        build_engine(export_dir / "model.onnx", settings=BuildSettings(backend="tensorrt"), use_cache=False)
+    assert "JetPack" in _one_line(err.value) and "pip install" in str(err.value)
+    monkeypatch.setitem(trt_build.BACKEND_MODULES, "rtx", "tensorrt_rtx_does_not_exist")
+    with pytest.raises(DependencyError, match="tensorrt-rtx-cu13"):
+        trt_build.import_tensorrt("rtx")
+
+
+def test_unknown_backend_is_a_config_error(monkeypatch):
+    monkeypatch.setenv(trt_build.BACKEND_ENV, "onnxruntime")
+    with pytest.raises(ConfigError, match="tensorrt or rtx"):
+        trt_build.resolve_backend(None)
+    assert trt_build.resolve_backend("RTX") == "rtx"
+
+
+@pytest.mark.parametrize(
+    ("version", "l4t", "jetpack"),
+    [("8.5.2", (35, 4), "JetPack 5.x"), ("8.6.2", (36, 3), "JetPack 6.0"), ("10.1.0", (36, 3), "JetPack 6.0")],
+)
+def test_old_jetpack_is_refused_naming_the_fix(version, l4t, jetpack):
+    with pytest.raises(DependencyError) as err:
+        check_platform(version, l4t=l4t)
+    assert jetpack in _one_line(err.value) and "JetPack 6.1" in str(err.value)
+
+
+def test_supported_platforms_pass_and_old_desktop_tensorrt_is_refused():
+    check_platform("10.3.0.30", l4t=(36, 4))  # JetPack 6.1/6.2
+    check_platform("10.13.3", l4t=(38, 2))  # JetPack 7.x
+    check_platform("10.1.0", l4t=None)  # a workstation: IPluginV3 exists from 10.0
+    check_platform("1.7.1.116", backend="rtx")
+    with pytest.raises(DependencyError, match=">= 10.0"):
+        check_platform("8.6.1", l4t=None)
+
+
+def test_tegra_release_parsing(tmp_path):
+    f = tmp_path / "nv_tegra_release"
+    f.write_text("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64\n")
+    assert trt_build.read_tegra_release(f) == (36, 4)
+    assert trt_build.read_tegra_release(tmp_path / "absent") is None
+
+
+def test_plugin_library_missing_is_one_line(tmp_path):
+    with pytest.raises(DependencyError) as err:
+        trt_build.load_plugin_library(object(), tmp_path / "libats_sampler.so")  # type: ignore[arg-type]
+    assert "ats-deploy plugin build" in _one_line(err.value)
+
+
+def test_onnx_without_manifest_is_one_line(export_dir, tmp_path):
+    (tmp_path / "model.onnx").write_bytes((export_dir / "model.onnx").read_bytes())
+    with pytest.raises(InputError) as err:
+        build_engine(tmp_path / "model.onnx", settings=BuildSettings(backend="rtx"))
+    assert "manifest.json" in _one_line(err.value)
+
+
+def test_onnx_changed_after_export_is_refused(export_dir, tmp_path):
+    for name in ("model.onnx", "manifest.json"):
+        (tmp_path / name).write_bytes((export_dir / name).read_bytes())
+    with open(tmp_path / "model.onnx", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(InputError, match="does not match its manifest"):
+        build_engine(tmp_path / "model.onnx", settings=BuildSettings(backend="rtx"))
+
+
+def test_settings_are_validated():
+    with pytest.raises(ConfigError, match="min <= opt <= max"):
+        BuildSettings(batch=(4, 2, 8))
+    with pytest.raises(ConfigError, match="precision"):
+        BuildSettings(precision="bf16")  # type: ignore[arg-type]
+    s = BuildSettings(batch=[1, 2, 4], plugin_lib="lib.so")  # type: ignore[arg-type]
+    assert s.batch == (1, 2, 4) and isinstance(s.plugin_lib, Path)
+    assert BuildSettings.from_dict(s.to_dict()) == s
+
+
+def test_corrupt_plan_is_one_line(fake_plan):
+    from ats_deploy.runtime.trt_runner import TrtRunner
+    from ats_deploy.runtime.verify import verify
+
+    assert read_record(fake_plan)["gpu"]["name"] == "Orin"
+    with open(fake_plan, "r+b") as fh:
+        fh.seek(10)
+        fh.write(b"XX")
+    for call in (lambda: read_record(fake_plan), lambda: TrtRunner(fake_plan), lambda: verify(fake_plan, "x.npz")):
+        with pytest.raises(InputError) as err:
+            call()
+        assert "corrupt" in _one_line(err.value)
+
+
+def test_plan_without_record_is_one_line(fake_plan):
+    record_path(fake_plan).unlink()
+    with pytest.raises(InputError, match="no build record"):
+        read_record(fake_plan)
+
+
+def test_engine_for_another_gpu_or_tensorrt_is_refused(export_dir):
+    from ats_deploy.runtime.trt_runner import check_engine_compat
+
+    rec = fake_record(export_dir)
+    thor = {"name": "NVIDIA Thor", "compute_capability": "11.0"}
+    orin = {"name": "Orin", "compute_capability": "8.7"}
+    check_engine_compat(rec, backend="tensorrt", trt_version="10.3.0", gpu=orin)
+    with pytest.raises(InputError, match="built for Orin") as err:
+        check_engine_compat(rec, backend="tensorrt", trt_version="10.3.0", gpu=thor)
+    _one_line(err.value)
+    with pytest.raises(InputError, match="TensorRT 10.3.0 but this is TensorRT 10.13"):
+        check_engine_compat(rec, backend="tensorrt", trt_version="10.13.0", gpu=orin)
+    with pytest.raises(InputError, match="rtx"):
+        check_engine_compat(rec, backend="rtx", trt_version="10.3.0", gpu=orin)
+    with pytest.raises(InputError, match="without a GPU"):
+        check_engine_compat({**rec, "gpu": None}, backend="tensorrt", trt_version="10.3.0", gpu=orin)
+
+
+def test_reference_from_another_model_is_refused(export_dir, fake_plan, tmp_path):
+    from ats_deploy.runtime.verify import check_reference, load_reference, verify
+
+    rec = read_record(fake_plan)
+    ours = export_dir / "reference.npz"
+    check_reference(rec, load_reference(ours), ours)  # the export's own reference is accepted
+    other = tiny_export(tmp_path / "other", num_classes=7, seed=11, parity_count=2)
+    with pytest.raises(InputError, match="another export") as err:
+        verify(fake_plan, other / "reference.npz")  # refused before TensorRT or CUDA is touched
+    _one_line(err.value)
+    # Without a manifest beside it, the arrays themselves give it away (7 classes, not 10).
+    lone = tmp_path / "lone" / "reference.npz"
+    lone.parent.mkdir()
+    lone.write_bytes((other / "reference.npz").read_bytes())
+    with pytest.raises(InputError, match="7 classes"):
+        check_reference(rec, load_reference(lone), lone)
+    # Same model, other input size: refused too.
+    data = dict(np.load(ours))
+    data["pixels"] = np.zeros((1, 3, 64, 64), np.float32)
+    np.savez(tmp_path / "lone" / "resized.npz", **data)
+    with pytest.raises(InputError, match="inputs"):
+        check_reference(rec, load_reference(tmp_path / "lone" / "resized.npz"), tmp_path / "lone" / "resized.npz")
+
+
+def test_reference_file_errors_are_one_line(tmp_path):
+    from ats_deploy.runtime.verify import load_reference
+
+    with pytest.raises(InputError, match="does not exist"):
+        load_reference(tmp_path / "absent.npz")
+    (tmp_path / "bad.npz").write_bytes(b"garbage")
+    with pytest.raises(InputError, match="not a readable"):
+        load_reference(tmp_path / "bad.npz")
