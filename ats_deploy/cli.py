@@ -264,6 +264,116 @@ def convert(
     typer.echo(f"wrote {out} ({len(converted.graph.node)} nodes, portable form)")
 
 
+@app.command()
+@handle_errors
+def report(
+    out_dir: Annotated[Path, typer.Argument(help="Directory written by ats-deploy export.")],
+    backend: Annotated[str, typer.Option("--backend", help="torch, onnxruntime or tensorrt.")] = "onnxruntime",
+    batches: Annotated[str, typer.Option("--batch", "--batches", help="Batch sizes, e.g. 1,8,64.")] = "1,8,64",
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Report directory (default OUT_DIR/report).")] = None,
+    reps: Annotated[int, typer.Option("--reps", min=1, help="Timed runs per model and batch.")] = 30,
+    warmup: Annotated[int, typer.Option("--warmup", min=0)] = 5,
+    images: Annotated[int | None, typer.Option("--images", min=1, help="Random inputs for token statistics.")] = None,
+    inputs: Annotated[Path | None, typer.Option("--inputs", help="Images folder or .npy for token stats.")] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="The exported checkpoint, if it moved.")] = None,
+    trust_pickle: TrustOpt = False,
+    max_slowdown: Annotated[
+        float | None, typer.Option("--max-slowdown", help="Gate: exit 3 when ATS p50 > this x dense p50.")
+    ] = None,
+    threads: Annotated[int, typer.Option("--threads", min=0, help="CPU threads (0 = all).")] = 0,
+    fp32: Annotated[bool, typer.Option("--fp32", help="torch on CUDA: no fp16 autocast.")] = False,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Latency, tokens kept, GFLOPs and parity of ATS vs the dense model, side by side; writes report/."""
+    from .model.config import parse_int_list
+    from .reports.latency import check_gate
+    from .reports.latency import report as make_report
+
+    rep = make_report(
+        out_dir,
+        backend=backend,
+        batches=parse_int_list(batches, what="--batch") or (1,),
+        out=out,
+        reps=reps,
+        warmup=warmup,
+        images=images,
+        inputs=inputs,
+        model=model,
+        trust_pickle=trust_pickle,
+        max_slowdown=max_slowdown,
+        raise_on_gate=False,
+        threads=threads,
+        fp16=not fp32,
+        plots=not no_plots,
+        progress=not as_json,
+        seed=seed,
+    )
+    if as_json:
+        _print_json(rep.data)
+    else:
+        typer.echo((rep.out / "report.md").read_text())
+        typer.echo(f"wrote {rep.out}/ ({', '.join(rep.files)})")
+    check_gate(rep)
+
+
+@app.command("tune-k")
+@handle_errors
+def tune_k_cmd(
+    source: Annotated[
+        Path | None, typer.Argument(help="Checkpoint or export directory; omit for the embedded default.")
+    ] = None,
+    backend: Annotated[str, typer.Option("--backend", help="torch, onnxruntime or tensorrt.")] = "onnxruntime",
+    batch: Annotated[int, typer.Option("--batch", min=1)] = 1,
+    ats_blocks: BlocksOpt = None,
+    target: Annotated[float, typer.Option("--target", help="ATS/dense latency ratio to stay under.")] = 1.0,
+    margin: Annotated[float, typer.Option("--margin", help="Kept in hand for measurement noise.")] = 0.02,
+    k_min: Annotated[int, typer.Option("--k-min", min=2)] = 2,
+    step: Annotated[int, typer.Option("--step", min=1, help="Token-count step of the sweep.")] = 8,
+    refine: Annotated[bool, typer.Option("--refine", help="Re-sweep token by token inside each jump.")] = False,
+    stack_depth: Annotated[int, typer.Option("--stack-depth", min=1)] = 2,
+    reps: Annotated[int, typer.Option("--reps", min=1)] = 15,
+    warmup: Annotated[int, typer.Option("--warmup", min=0)] = 3,
+    threads: Annotated[int, typer.Option("--threads", min=0)] = 0,
+    fp32: Annotated[bool, typer.Option("--fp32")] = False,
+    heads: HeadsOpt = None,
+    trust_pickle: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure dense latency vs token count and propose per-block K on its steps, never slower than dense."""
+    from .reports.tune import format_tune, tune_k
+
+    src = (
+        source
+        if source is not None and (source / "manifest.json").is_file()
+        else _load(source, trust_pickle=trust_pickle, heads=heads)[0]
+    )
+    res = tune_k(
+        src,
+        backend=backend,
+        batch=batch,
+        ats_blocks=ats_blocks,
+        target_ratio=target,
+        margin=margin,
+        k_min=k_min,
+        step=step,
+        refine=refine,
+        stack_depth=stack_depth,
+        reps=reps,
+        warmup=warmup,
+        threads=threads,
+        fp16=not fp32,
+        trust_pickle=trust_pickle,
+        progress=not as_json,
+    )
+    if as_json:
+        _print_json(res.to_dict())
+    else:
+        typer.echo(format_tune(res))
+        typer.echo(f"use: ats-deploy export ... --max-k {','.join(map(str, res.k_schedule))}")
+
+
 @plugin_app.command("build")
 @handle_errors
 def plugin_build(

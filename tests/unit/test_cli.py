@@ -226,3 +226,28 @@ def test_convert_plugin_form(tiny_pt, tmp_path):
         runner.invoke(app, ["convert", str(tmp_path / "junk.onnx"), "-o", str(tmp_path / "q.onnx")]),
         "not a readable ONNX",
     )
+
+
+def test_report_and_tune_k_commands(exported, tmp_path):
+    res = runner.invoke(
+        app,
+        ["report", str(exported), "--batch", "4", "--reps", "2", "--warmup", "0", "-o", str(tmp_path / "r"), "--json"],
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert (tmp_path / "r" / "report.md").is_file() and (tmp_path / "r" / "report.json").is_file()
+    assert json.loads((tmp_path / "r" / "report.json").read_text()) == data
+    # An impossible gate: ATS can never be 100x faster than dense -> exit 3, report still written.
+    res = runner.invoke(
+        app,
+        ["report", str(exported), "--batch", "4", "--reps", "2", "--warmup", "0", "-o", str(tmp_path / "g")]
+        + ["--max-slowdown", "0.01", "--no-plots"],
+    )
+    assert res.exit_code == 3, res.output
+    assert (tmp_path / "g" / "report.json").is_file()
+    res = runner.invoke(
+        app, ["tune-k", str(exported), "--batch", "1", "--reps", "2", "--warmup", "0", "--step", "16", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    tuned = json.loads(res.stdout)
+    assert all(2 <= k <= 65 for k in tuned["k_schedule"]) and len(tuned["k_schedule"]) == 4
