@@ -251,6 +251,8 @@ class TrtRunner(Runner):
         x = check_pixels(feed["pixels"], channels=self.channels, size=self.size, batch=self.static_batch)
         batch, shapes = self._prepare(x)
         self._enqueue(batch)
+        if self.dynamic_outputs:  # data-dependent shapes are final (notify_shape) once the run is done
+            self.cuda.call("cudaStreamSynchronize", self.stream)
         out: dict[str, np.ndarray] = {}
         for name in self.outputs:
             if name in self.dynamic_outputs:
