@@ -213,3 +213,20 @@ def test_deit_tiny_plugin_form_builds(rtx, tmp_path):
     res = build_engine(tmp_path / "model.plugin.onnx", settings=BuildSettings(backend="rtx"), use_cache=False)
     assert len(res.record["network"]["plugin_layers"]) == 9
     assert res.record["network"]["plugin_layers"][0]["outputs"][0]["shape"] == [1, 128]
+
+
+@pytest.mark.parametrize("shape", ["static", "dynamic"])
+def test_fp16_export_builds_strongly_typed(rtx, tmp_path, shape):
+    """ats_deploy.calibration.fp16's graphs (score/CDF/sampler path fp32) build as fp16 engines, both forms."""
+    fp16 = pytest.importorskip("ats_deploy.calibration.fp16", reason="fp16 pass not in this tree")
+    export = tiny_export(tmp_path / "export", shape=shape, dynamic_batch=True, parity_count=2)
+    written = fp16.write_fp16(export)
+    assert set(written) == {"model.fp16.onnx", "model.plugin.fp16.onnx"}
+    for name in written:
+        res = build_engine(export / name, settings=BuildSettings(backend="rtx", precision="fp16"), use_cache=False)
+        rec = res.record
+        assert rec["precision"] == "fp16" and rec["settings"]["precision"] == "fp16"
+        assert {o["name"]: o["dtype"] for o in rec["network"]["outputs"]}["logits"] == "float"  # fp32 I/O kept
+        if "plugin" in name:
+            assert len(rec["network"]["plugin_layers"]) == ATS_BLOCKS
+            assert [o["dtype"] for o in rec["network"]["plugin_layers"][0]["outputs"]][:2] == ["int32", "int32"]
