@@ -642,12 +642,13 @@ def _build_in_process(
     if serialized is None:
         last = logger.errors[-1] if logger.errors else "no error message"
         raise ExportError(f"TensorRT could not build an engine from {onnx_path.name}: {_one_line(last)}")
+    ours: list[str] = []  # our warnings; TensorRT's own go to stderr with verbose=True
     if cache is not None and settings.timing_cache is not None:
         try:
             _atomic_write(settings.timing_cache, bytes(config.get_timing_cache().serialize()))
         except OSError as exc:
-            logger.warnings.append(f"timing cache {settings.timing_cache} not written ({exc.strerror})")
-    return bytes(serialized), summary, plugin, logger.warnings
+            ours.append(f"timing cache {settings.timing_cache} not written ({exc.strerror})")
+    return bytes(serialized), summary, plugin, ours
 
 
 def _needs_guard(backend: str, facts: OnnxFacts) -> bool:
