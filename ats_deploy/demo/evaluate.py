@@ -1,0 +1,153 @@
+"""Top-1 of a shapes model dense vs with ATS on held-out generated images, with K' and GFLOPs.
+
+Settings (default): dense; ATS in the paper's placement (blocks 3..11 of 12) with K = n_ref (197 at
+224/16: the authors' setting, compute falls only through K'); the same with K = 99 (static shapes then
+process at most 99 slots per ATS block). GFLOPs per image follow ``reports/flops.py``: "adaptive" is
+the paper's number (mean over images of the FLOPs of the tokens really kept, what the dynamic shape
+mode approaches), "static" is what a static-shape engine computes.
+
+The held-out images use ``HELDOUT_SEED``, which training never draws from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..model.checkpoints import LoadedCheckpoint
+from ..model.config import ATSConfig, resolve_ats
+from ..reports.flops import gflops_per_image, static_gflops
+from .shapes import CLASSES, HELDOUT_SEED, ShapesDataset
+
+__all__ = ["SettingResult", "EvalReport", "evaluate", "ats_settings", "render_report"]
+
+
+@dataclass
+class SettingResult:
+    name: str
+    ats: dict
+    top1: float  # percent
+    agreement: float  # percent of images whose prediction equals the dense model's
+    gflops_adaptive: float  # mean per image from the kept counts (the paper's measure)
+    gflops_static: float  # the static-shape graph's work per image
+    mean_kept: dict[int, float] = field(default_factory=dict)  # ATS block -> mean K' (patches kept, CLS not counted)
+    per_class_top1: list[float] = field(default_factory=list)
+
+
+@dataclass
+class EvalReport:
+    source: str
+    images: int
+    seed: int
+    img_size: int
+    settings: list[SettingResult]
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "images": self.images,
+            "seed": self.seed,
+            "img_size": self.img_size,
+            "classes": list(CLASSES),
+            "settings": [asdict(s) for s in self.settings],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def ats_settings(cfg, max_ks=(None, 99), blocks=None) -> list[tuple[str, ATSConfig]]:
+    """dense plus one ATS setting per K in ``max_ks`` (None = n_ref); K above n_ref is left out."""
+    out = [("dense", ATSConfig())]
+    for k in max_ks:
+        if k is not None and int(k) > cfg.n_ref:
+            continue
+        ats = resolve_ats(cfg, blocks=blocks, max_k=k)
+        blk = ats.blocks
+        span = f"{blk[0]}..{blk[-1]}" if blk == tuple(range(blk[0], blk[-1] + 1)) else ",".join(map(str, blk))
+        out.append((f"ATS blocks {span}, K={ats.k_schedule[0]}", ats))
+    return out
+
+
+def evaluate(
+    ckpt: LoadedCheckpoint,
+    *,
+    images: int = 2000,
+    seed: int = HELDOUT_SEED,
+    batch_size: int = 50,
+    max_ks=(None, 99),
+    blocks=None,
+    device: str = "cpu",
+    scale: tuple[float, float] = (0.10, 0.25),
+    progress: bool = True,
+) -> EvalReport:
+    """Evaluate every setting on the same ``images`` held-out images (each batch generated once)."""
+    import sys
+
+    import torch
+    from rich.progress import Progress
+
+    from ..model import build_model
+
+    cfg = ckpt.config
+    settings = ats_settings(cfg, max_ks, blocks)
+    dense = build_model(ckpt).to(device)
+    models = [(name, ats, dense if not ats.enabled else dense.with_ats(ats).to(device)) for name, ats in settings]
+    ds = ShapesDataset(seed, images, cfg.img_size, scale=scale, mean=cfg.mean, std=cfg.std)
+    labels = np.empty(images, np.int64)
+    preds = {name: np.empty(images, np.int64) for name, _, _ in models}
+    counts: dict[str, dict[int, list[np.ndarray]]] = {name: {b: [] for b in ats.blocks} for name, ats, _ in models}
+    with Progress(disable=not progress or not sys.stderr.isatty(), transient=True) as prog, torch.inference_mode():
+        task = prog.add_task(f"evaluating {len(models)} settings", total=images)
+        for s in range(0, images, batch_size):
+            n = min(batch_size, images - s)
+            x, y = ds.batch(s, n)
+            labels[s : s + n] = y
+            xt = torch.from_numpy(x).to(device)
+            for name, ats, model in models:
+                out = model.forward_trace(xt)
+                preds[name][s : s + n] = out.logits.argmax(-1).cpu().numpy()
+                for b, c in zip(ats.blocks, out.counts):
+                    counts[name][b].append(c.cpu().numpy())
+            prog.advance(task, n)
+    ref = preds["dense"]
+    results = []
+    for name, ats, _ in models:
+        p = preds[name]
+        per_class = [
+            float(100 * (p[labels == c] == c).mean()) if (labels == c).any() else float("nan")
+            for c in range(len(CLASSES))
+        ]
+        cnt = {b: np.concatenate(v) for b, v in counts[name].items()}
+        prefix = cfg.num_prefix_tokens
+        static = static_gflops(cfg, ats)
+        adaptive = float(gflops_per_image(cfg, ats, cnt).mean()) if ats.enabled else static
+        results.append(
+            SettingResult(
+                name=name,
+                ats=ats.to_dict(),
+                top1=float(100 * (p == labels).mean()),
+                agreement=float(100 * (p == ref).mean()),
+                gflops_adaptive=adaptive,
+                gflops_static=static,
+                mean_kept={int(b): float(v.mean() - prefix) for b, v in cnt.items()},
+                per_class_top1=per_class,
+            )
+        )
+    return EvalReport(ckpt.source, images, seed, cfg.img_size, results)
+
+
+def render_report(report: EvalReport) -> str:
+    """A plain-text table (what ``ats-deploy demo eval`` prints)."""
+    lines = [
+        f"{report.source}: {report.images} held-out shapes images (seed {report.seed}, {report.img_size}px)",
+        f"{'setting':32s} {'top-1 %':>8s} {'= dense %':>9s} {'GFLOPs':>7s} {'static':>7s}  mean K' per ATS block",
+    ]
+    for s in report.settings:
+        kept = " ".join(f"{v:.0f}" for v in s.mean_kept.values()) or "-"
+        lines.append(
+            f"{s.name:32s} {s.top1:8.2f} {s.agreement:9.2f} {s.gflops_adaptive:7.3f} {s.gflops_static:7.3f}  {kept}"
+        )
+    return "\n".join(lines)

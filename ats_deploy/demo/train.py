@@ -1,0 +1,463 @@
+"""Train the demo model: a DeiT-Ti-shaped ViT, dense, on the procedural shapes (``shapes.py``).
+
+Recipe (DeiT's, scaled down): AdamW (weight decay 0.05, none on biases, norms, tokens and pos_embed),
+linear warm-up then cosine decay per phase, label smoothing 0.1, gradient clipping, timm's init
+(truncated normal 0.02). No augmentation: every training step draws new images (sample index =
+step x batch + j of seed ``TRAIN_SEED``), so the model never sees an image twice.
+
+Two phases, as DeiT changes resolution: phase 1 at a low resolution (112 x 112 = 7 x 7 patches, about
+4x cheaper per image than 224), then the position embedding is resized bicubically to the target grid
+(14 x 14) and phase 2 fine-tunes at 224. Either phase may have 0 steps.
+
+Deterministic given the seed on one device and thread count (``torch.use_deterministic_algorithms``);
+checkpoints are timm-named safetensors (``load_checkpoint`` reads them) plus a ``state.pt`` with the
+optimiser, so an interrupted run resumes where its last checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..model.config import ViTConfig
+from ..model.presets import deit_tiny_patch16_224
+from .shapes import HELDOUT_SEED, NUM_CLASSES, TRAIN_SEED, ShapesDataset
+
+__all__ = [
+    "Phase",
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "resize_pos_embed",
+    "model_config",
+    "init_weights",
+    "save_weights",
+    "lr_at",
+    "measure_throughput",
+]
+
+
+@dataclass(frozen=True)
+class Phase:
+    img_size: int
+    steps: int
+    lr: float
+    warmup: int
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the trained weights (recorded in every checkpoint's metadata)."""
+
+    phases: tuple[Phase, ...] = (
+        Phase(img_size=112, steps=3000, lr=5e-4, warmup=200),
+        Phase(img_size=224, steps=300, lr=1e-4, warmup=20),
+    )
+    batch_size: int = 32
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    clip_grad: float = 1.0
+    seed: int = TRAIN_SEED
+    data_seed: int = TRAIN_SEED
+    scale: tuple[float, float] = (0.10, 0.25)
+    # Architecture overrides (the default is DeiT-Ti; tests shrink it).
+    arch: dict = field(default_factory=dict)
+    # Bookkeeping, not part of the result:
+    device: str = "cpu"
+    threads: int | None = None
+    out_dir: str = "runs/demo"
+    ckpt_every_s: float = 300.0
+    eval_every: int = 250
+    eval_images: int = 200
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["phases"] = [asdict(p) for p in self.phases]
+        return d
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    final_weights: Path
+    steps: int
+    last_loss: float
+    history: list[dict]
+
+
+def model_config(img_size: int, arch: dict | None = None) -> ViTConfig:
+    return deit_tiny_patch16_224(num_classes=NUM_CLASSES, **{**(arch or {}), "img_size": img_size})
+
+
+def init_weights(model) -> None:
+    """timm's ViT init: truncated normal 0.02 on Linear weights and pos_embed, zero biases, tiny CLS."""
+    from torch import nn
+
+    nn.init.trunc_normal_(model.pos_embed, std=0.02)
+    nn.init.normal_(model.cls_token, std=1e-6)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def resize_pos_embed(pos_embed, old_grid: int, new_grid: int, num_prefix: int = 1):
+    """[1, prefix + g*g, C] -> [1, prefix + G*G, C], patch part resized bicubically (as DeiT and timm do)."""
+    import torch
+    import torch.nn.functional as F
+
+    if old_grid == new_grid:
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    c = grid.shape[-1]
+    grid = grid.reshape(1, old_grid, old_grid, c).permute(0, 3, 1, 2)
+    grid = F.interpolate(
+        grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False, antialias=new_grid < old_grid
+    )
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, c)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def _resized_state(model, new_cfg: ViTConfig) -> dict:
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], model.cfg.grid, new_cfg.grid, new_cfg.num_prefix_tokens)
+    return sd
+
+
+def lr_at(step: int, phase: Phase, min_lr: float) -> float:
+    """Linear warm-up to ``phase.lr``, then cosine to ``min_lr`` at the end of the phase."""
+    if step < phase.warmup:
+        return phase.lr * (step + 1) / phase.warmup
+    t = (step - phase.warmup) / max(1, phase.steps - phase.warmup)
+    return min_lr + 0.5 * (phase.lr - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.ndim <= 1 or name in ("pos_embed", "cls_token", "dist_token"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def save_weights(model, path: str | Path, *, dtype: str = "float32", metadata: dict | None = None) -> Path:
+    """timm-named safetensors of ``model`` (atomic: written to a temporary file, then renamed)."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dt = {"float32": torch.float32, "float16": torch.float16}[dtype]
+    sd = {k: v.detach().to("cpu", dt).contiguous() for k, v in model.state_dict().items()}
+    metadata = {"num_heads": model.cfg.num_heads, "img_size": model.cfg.img_size, **(metadata or {})}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(sd, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def evaluate_dense(model, images: int, img_size: int, *, scale=(0.10, 0.25), batch: int = 50, device="cpu") -> float:
+    """Top-1 (%) of ``model`` on the first ``images`` held-out images (seed HELDOUT_SEED) at ``img_size``."""
+    import torch
+
+    ds = ShapesDataset(HELDOUT_SEED, images, img_size, scale=scale)
+    was_training = model.training
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for s in range(0, images, batch):
+            x, y = ds.batch(s, min(batch, images - s))
+            pred = model(torch.from_numpy(x).to(device)).argmax(-1).cpu().numpy()
+            correct += int((pred == y).sum())
+    model.train(was_training)
+    return 100.0 * correct / images
+
+
+class _Log:
+    """JSON lines to ``train.log`` and short human lines to stderr (a rich progress bar when a terminal)."""
+
+    def __init__(self, path: Path) -> None:
+        from rich.console import Console
+
+        self.file = open(path, "a", buffering=1)
+        self.console = Console(stderr=True)
+
+    def __call__(self, **rec) -> None:
+        rec = {"time": round(time.time(), 1), **rec}
+        self.file.write(json.dumps(rec) + "\n")
+        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items() if k != "time")
+        self.console.log(text)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _set_determinism(cfg: TrainConfig) -> None:
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if cfg.device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from ..errors import ConfigError
+
+        raise ConfigError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> TrainResult:
+    """Run all phases; checkpoints and ``train.log`` go to ``cfg.out_dir``. Returns the final weights' path.
+
+    Files: ``last.safetensors`` (latest weights, at the current phase's resolution), ``state.pt``
+    (optimiser, step, for resuming), ``phase<i>_end.safetensors``, ``final.safetensors`` (fp32, at the
+    last phase's resolution) and ``train.log`` (JSON lines: loss, lr, images/s, held-out top-1).
+    """
+    import torch
+    import torch.nn.functional as F
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ..model.vit import VisionTransformer
+
+    cfg = replace(cfg, device=_resolve_device(cfg.device))
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _set_determinism(cfg)
+    log = _Log(out / "train.log")
+    meta = {"train_config": json.dumps(cfg.to_dict())}
+    dev = torch.device(cfg.device)
+
+    # Global step g runs over all phases; resume restores weights, optimiser and g.
+    state_path = out / "state.pt"
+    state = torch.load(state_path, map_location="cpu", weights_only=False) if resume and state_path.exists() else None
+    if state is not None and state.get("train_config") != cfg.to_dict():
+        state = None  # a different recipe: start over rather than mixing runs
+    g0 = state["global_step"] if state else 0
+    if state:
+        log(event="resume", global_step=g0)
+    else:
+        log(event="start", config=json.dumps(cfg.to_dict()), torch=torch.__version__, threads=torch.get_num_threads())
+
+    model = None
+    history: list[dict] = []
+    loss_val = float("nan")
+    g_start = 0
+    for pi, phase in enumerate(cfg.phases):
+        g_end = g_start + phase.steps
+        vcfg = model_config(phase.img_size, cfg.arch)
+        new = VisionTransformer(vcfg)
+        if model is None:
+            init_weights(new)
+        else:
+            new.load_state_dict(_resized_state(model, vcfg))
+        model = new.to(dev).train()
+        opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=phase.lr, betas=(0.9, 0.999))
+        if g_end <= g0:  # phase already done in a resumed run: only its weights matter
+            if state and state["phase"] == pi:
+                model.load_state_dict(state["model"])
+            g_start = g_end
+            continue
+        if state and state["phase"] == pi:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optim"])
+            torch.set_rng_state(state["torch_rng"])
+        ds = ShapesDataset(cfg.data_seed, 2**62, phase.img_size, scale=cfg.scale)
+        log(event="phase", phase=pi, img_size=phase.img_size, steps=phase.steps, tokens=vcfg.num_tokens)
+        last_ckpt = time.monotonic()
+        t_win, n_win, loss_win = time.perf_counter(), 0, []
+        prog = Progress(
+            TextColumn(f"phase {pi} ({phase.img_size}px)"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            disable=not progress or not sys.stderr.isatty(),
+            transient=False,
+        )
+        with prog:
+            task = prog.add_task("train", total=phase.steps, completed=max(0, g0 - g_start), info="")
+            for g in range(max(g0, g_start), g_end):
+                step = g - g_start
+                lr = lr_at(step, phase, cfg.min_lr)
+                for grp in opt.param_groups:
+                    grp["lr"] = lr
+                x, y = ds.batch(g * cfg.batch_size, cfg.batch_size)
+                x, y = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
+                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                opt.step()
+                loss_val = float(loss.detach())
+                if not math.isfinite(loss_val):
+                    log(event="diverged", global_step=g + 1, loss=loss_val)
+                    raise FloatingPointError(f"loss became {loss_val} at step {g + 1}; lower the learning rate")
+                loss_win.append(loss_val)
+                n_win += cfg.batch_size
+                done = g + 1
+                last_of_phase = done == g_end
+                if done % 25 == 0 or last_of_phase:
+                    ips = n_win / (time.perf_counter() - t_win)
+                    rec = {
+                        "event": "train",
+                        "phase": pi,
+                        "global_step": done,
+                        "step": done - g_start,
+                        "loss": float(np.mean(loss_win)),
+                        "lr": lr,
+                        "img_per_s": ips,
+                        "img_size": phase.img_size,
+                    }
+                    if cfg.eval_every and (done % cfg.eval_every == 0 or last_of_phase):
+                        rec["heldout_top1"] = evaluate_dense(
+                            model, cfg.eval_images, phase.img_size, scale=cfg.scale, device=cfg.device
+                        )
+                    history.append(rec)
+                    log(**rec)
+                    prog.update(task, info=f"loss {rec['loss']:.3f} {ips:.1f} img/s")
+                    t_win, n_win, loss_win = time.perf_counter(), 0, []
+                prog.advance(task)
+                if time.monotonic() - last_ckpt >= cfg.ckpt_every_s or last_of_phase:
+                    save_weights(model, out / "last.safetensors", metadata={**meta, "global_step": done})
+                    torch.save(
+                        {
+                            "global_step": done,
+                            "phase": pi,
+                            "model": model.state_dict(),
+                            "optim": opt.state_dict(),
+                            "torch_rng": torch.get_rng_state(),
+                            "train_config": cfg.to_dict(),
+                        },
+                        out / "state.pt.tmp",
+                    )
+                    os.replace(out / "state.pt.tmp", state_path)
+                    last_ckpt = time.monotonic()
+        save_weights(model, out / f"phase{pi}_end.safetensors", metadata={**meta, "global_step": g_end})
+        g_start = g_end
+    assert model is not None
+    final = save_weights(model, out / "final.safetensors", metadata={**meta, "global_step": g_start})
+    log(event="done", global_step=g_start, weights=str(final))
+    log.close()
+    return TrainResult(final, g_start, loss_val, history)
+
+
+def measure_throughput(
+    img_size: int,
+    *,
+    batch_size: int = 32,
+    steps: int = 3,
+    threads: int | None = None,
+    device: str = "cpu",
+    arch: dict | None = None,
+) -> dict:
+    """Training and inference images/s of the dense model at ``img_size`` (after one warm-up step)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..model.vit import VisionTransformer
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = VisionTransformer(model_config(img_size, arch)).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    y = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
+    for i in range(steps + 1):
+        if i == 1:
+            t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    train_ips = batch_size * steps / (time.perf_counter() - t0)
+    model.eval()
+    with torch.inference_mode():
+        model(x)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            model(x)
+        eval_ips = batch_size * steps / (time.perf_counter() - t0)
+    return {
+        "img_size": img_size,
+        "batch_size": batch_size,
+        "threads": torch.get_num_threads(),
+        "train_img_per_s": train_ips,
+        "eval_img_per_s": eval_ips,
+    }
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m ats_deploy.demo.train --out /tmp/ats_train/run --steps-low 3000 --steps-high 300``."""
+    import argparse
+
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=d.out_dir)
+    p.add_argument("--steps-low", type=int, default=d.phases[0].steps)
+    p.add_argument("--steps-high", type=int, default=d.phases[1].steps)
+    p.add_argument("--img-low", type=int, default=d.phases[0].img_size)
+    p.add_argument("--img-high", type=int, default=d.phases[1].img_size)
+    p.add_argument("--lr", type=float, default=d.phases[0].lr)
+    p.add_argument("--lr-high", type=float, default=d.phases[1].lr)
+    p.add_argument("--warmup", type=int, default=d.phases[0].warmup)
+    p.add_argument("--warmup-high", type=int, default=d.phases[1].warmup)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--ckpt-every-s", type=float, default=d.ckpt_every_s)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-images", type=int, default=d.eval_images)
+    p.add_argument("--no-resume", action="store_true")
+    a = p.parse_args(argv)
+    phases = tuple(
+        ph
+        for ph in (
+            Phase(a.img_low, a.steps_low, a.lr, a.warmup),
+            Phase(a.img_high, a.steps_high, a.lr_high, a.warmup_high),
+        )
+        if ph.steps > 0
+    )
+    cfg = TrainConfig(
+        phases=phases,
+        batch_size=a.batch_size,
+        seed=a.seed,
+        device=a.device,
+        threads=a.threads,
+        out_dir=a.out,
+        ckpt_every_s=a.ckpt_every_s,
+        eval_every=a.eval_every,
+        eval_images=a.eval_images,
+    )
+    res = train(cfg, resume=not a.no_resume)
+    print(res.final_weights)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
