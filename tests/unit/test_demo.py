@@ -1,0 +1,199 @@
+"""The demo: procedural shapes data, the training loop, the evaluation and the shipped-weights loader."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ats_deploy.demo.shapes import (
+    CLASSES,
+    HELDOUT_SEED,
+    NUM_CLASSES,
+    TRAIN_SEED,
+    ShapesDataset,
+    label_of,
+    render,
+    write_samples,
+)
+from ats_deploy.errors import CheckpointError
+
+TINY_ARCH = {"embed_dim": 32, "depth": 4, "num_heads": 2}
+
+
+def test_same_seed_and_index_give_the_same_image():
+    a, pa = render(3, 17, 96)
+    b, pb = render(3, 17, 96)
+    assert a.dtype == np.uint8 and a.shape == (96, 96, 3)
+    assert np.array_equal(a, b) and pa == pb
+
+
+def test_different_seed_or_index_gives_a_different_image():
+    a, _ = render(3, 17, 96)
+    assert not np.array_equal(a, render(4, 17, 96)[0])
+    assert not np.array_equal(a, render(3, 18, 96)[0])
+
+
+def test_training_and_heldout_seeds_differ():
+    assert TRAIN_SEED != HELDOUT_SEED
+
+
+def test_classes_are_balanced_in_every_block_of_ten():
+    ds = ShapesDataset(5, 200, 32)
+    labels = ds.labels()
+    assert labels.min() >= 0 and labels.max() < NUM_CLASSES
+    for block in labels.reshape(-1, NUM_CLASSES):
+        assert sorted(block.tolist()) == list(range(NUM_CLASSES))
+    # and the order inside a block is not the same for every block
+    assert len({tuple(b) for b in labels.reshape(-1, NUM_CLASSES)}) > 1
+
+
+def test_items_are_normalised_chw_float32_with_their_label():
+    ds = ShapesDataset(0, 20, 64)
+    for i in range(0, 20, 7):
+        x, y = ds[i]
+        assert x.dtype == np.float32 and x.shape == (3, 64, 64)
+        assert np.isfinite(x).all() and -2.2 < x.min() and x.max() < 2.7  # ImageNet mean/std of 0..1 pixels
+        assert y == label_of(0, i) and 0 <= y < NUM_CLASSES
+    xb, yb = ds.batch(3, 4)
+    assert xb.shape == (4, 3, 64, 64) and yb.dtype == np.int64
+    assert np.array_equal(xb[0], ds[3][0])
+    with pytest.raises(IndexError):
+        ds[20]
+
+
+def test_objects_are_small_and_inside_the_image():
+    for i in range(40):
+        _, p = render(1, i, 224)
+        assert 0.10 <= p.diameter <= 0.25
+        assert 0 < p.cx - p.diameter / 2 and p.cx + p.diameter / 2 < 1
+        assert 0 < p.cy - p.diameter / 2 and p.cy + p.diameter / 2 < 1
+
+
+def test_write_samples_writes_pngs_that_the_input_loader_reads(tmp_path):
+    from ats_deploy.calibration.data import Preprocess, load_images
+
+    paths = write_samples(tmp_path, 4, seed=HELDOUT_SEED, size=64)
+    assert [p.name.split("_", 1)[1][:-4] in CLASSES for p in paths] == [True] * 4
+    rows = (tmp_path / "labels.csv").read_text().splitlines()
+    assert rows[0] == "file,label,class" and len(rows) == 5
+    arr, names = load_images(tmp_path, Preprocess(size=64))
+    assert arr.shape == (4, 3, 64, 64) and names == [p.name for p in paths]
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    from ats_deploy.demo.train import Phase, lr_at
+
+    ph = Phase(img_size=112, steps=100, lr=1e-3, warmup=10)
+    assert lr_at(0, ph, 1e-6) == pytest.approx(1e-4)
+    assert lr_at(9, ph, 1e-6) == pytest.approx(1e-3)
+    assert lr_at(10, ph, 1e-6) == pytest.approx(1e-3)
+    assert lr_at(100, ph, 1e-6) == pytest.approx(1e-6)
+    lrs = [lr_at(s, ph, 1e-6) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_resize_pos_embed_keeps_prefix_and_constant_fields():
+    import torch
+
+    from ats_deploy.demo.train import resize_pos_embed
+
+    pe = torch.randn(1, 1 + 49, 8)
+    same = resize_pos_embed(pe, 7, 7)
+    assert same is pe
+    big = resize_pos_embed(pe, 7, 14)
+    assert big.shape == (1, 1 + 196, 8) and torch.equal(big[:, 0], pe[:, 0])
+    const = torch.ones(1, 1 + 49, 8)
+    assert torch.allclose(resize_pos_embed(const, 7, 14), torch.ones(1, 197, 8), atol=1e-5)
+
+
+def _tiny_train(tmp_path, name="run", *, resume=False):
+    from ats_deploy.demo.train import Phase, TrainConfig, train
+
+    cfg = TrainConfig(
+        phases=(Phase(img_size=32, steps=3, lr=1e-3, warmup=1), Phase(img_size=48, steps=2, lr=1e-4, warmup=1)),
+        batch_size=4,
+        arch=TINY_ARCH,
+        out_dir=str(tmp_path / name),
+        eval_every=0,
+        threads=1,
+    )
+    return train(cfg, resume=resume, progress=False)
+
+
+def test_training_loop_runs_both_phases_and_writes_loadable_weights(tmp_path):
+    import json
+
+    from ats_deploy.model import load_checkpoint
+
+    res = _tiny_train(tmp_path)
+    assert res.steps == 5 and math.isfinite(res.last_loss)
+    ck = load_checkpoint(res.final_weights, heads=2)
+    assert ck.config.img_size == 48 and ck.config.num_classes == NUM_CLASSES and ck.config.embed_dim == 32
+    out = res.final_weights.parent
+    for f in ("last.safetensors", "state.pt", "phase0_end.safetensors", "phase1_end.safetensors", "train.log"):
+        assert (out / f).is_file(), f
+    assert load_checkpoint(out / "phase0_end.safetensors", heads=2).config.img_size == 32
+    events = [json.loads(line)["event"] for line in (out / "train.log").read_text().splitlines()]
+    assert events[0] == "start" and events[-1] == "done" and "train" in events
+    # Resuming a finished run does no more steps and gives the same weights.
+    again = _tiny_train(tmp_path, resume=True)
+    assert again.steps == 5
+    resumed = load_checkpoint(again.final_weights, heads=2).state_dict
+    assert all(np.array_equal(ck.state_dict[k], resumed[k]) for k in resumed)
+
+
+def test_training_is_deterministic_given_the_seed(tmp_path):
+    from ats_deploy.model import load_checkpoint
+
+    a = load_checkpoint(_tiny_train(tmp_path, "a").final_weights, heads=2).state_dict
+    b = load_checkpoint(_tiny_train(tmp_path, "b").final_weights, heads=2).state_dict
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_evaluate_reports_dense_and_ats_settings_on_a_tiny_model():
+    from ats_deploy.demo.evaluate import evaluate, render_report
+    from ats_deploy.model.config import ViTConfig
+    from ats_deploy.model.default import default_checkpoint
+
+    cfg = ViTConfig(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=NUM_CLASSES)
+    rep = evaluate(default_checkpoint(0, cfg), images=12, batch_size=6, max_ks=(None, 33, 999), progress=False)
+    names = [s.name for s in rep.settings]
+    assert names == ["dense", "ATS blocks 1..3, K=65", "ATS blocks 1..3, K=33"]  # K above n_ref left out
+    dense, full, k33 = rep.settings
+    assert dense.agreement == 100.0 and dense.mean_kept == {} and dense.gflops_adaptive == dense.gflops_static
+    for s in rep.settings:
+        assert 0.0 <= s.top1 <= 100.0 and len(s.per_class_top1) == NUM_CLASSES
+    assert set(full.mean_kept) == {1, 2, 3} and all(0 < v <= 64 for v in full.mean_kept.values())
+    assert all(v <= 32 for v in k33.mean_kept.values())
+    assert full.gflops_adaptive < dense.gflops_static and k33.gflops_static < full.gflops_static
+    assert "dense" in render_report(rep) and rep.to_dict()["images"] == 12
+
+
+def test_demo_weights_round_trip_through_fp16(tmp_path):
+    import torch
+
+    from ats_deploy.demo.train import model_config, save_weights
+    from ats_deploy.demo.weights import export_demo_weights, load_demo_checkpoint, sha256_of
+    from ats_deploy.model.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(model_config(32, TINY_ARCH))
+    src = save_weights(model, tmp_path / "final.safetensors")
+    dst = tmp_path / "shipped.safetensors"
+    digest = export_demo_weights(src, dst)
+    assert digest == sha256_of(dst) and len(digest) == 64
+    assert dst.stat().st_size < src.stat().st_size * 0.6  # float16 on disk
+    ck = load_demo_checkpoint(dst)
+    assert ck.config.num_heads == 2 and ck.config.img_size == 32
+    w = model.state_dict()["blocks.0.attn.qkv.weight"].numpy()
+    got = ck.state_dict["blocks.0.attn.qkv.weight"]
+    assert got.dtype == np.float32 and np.allclose(got, w, atol=1e-3)
+
+
+def test_missing_demo_weights_say_how_to_make_them(tmp_path):
+    from ats_deploy.demo.weights import load_demo_checkpoint
+
+    with pytest.raises(CheckpointError, match="demo train"):
+        load_demo_checkpoint(tmp_path / "nope.safetensors")
