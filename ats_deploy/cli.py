@@ -374,6 +374,103 @@ def tune_k_cmd(
         typer.echo(f"use: ats-deploy export ... --max-k {','.join(map(str, res.k_schedule))}")
 
 
+@app.command()
+@handle_errors
+def build(
+    onnx_path: Annotated[Path, typer.Argument(help="model.onnx or model.plugin.onnx from ats-deploy export.")],
+    out: Annotated[
+        Path | None, typer.Option("-o", "--out", help="Plan path (default: the ONNX path with .plan).")
+    ] = None,
+    precision: Annotated[
+        str | None, typer.Option("--precision", help="fp32, fp16 or int8: checked against the ONNX's own precision.")
+    ] = None,
+    plugin_lib: Annotated[Path | None, typer.Option("--plugin-lib", help="libats_sampler.so (plugin form).")] = None,
+    batch: Annotated[
+        str | None, typer.Option("--batch", help="MIN,OPT,MAX profile for a dynamic-batch graph (default 1,1,16).")
+    ] = None,
+    workspace: Annotated[int | None, typer.Option("--workspace", min=1, help="Workspace limit in MiB.")] = None,
+    opt_level: Annotated[int, typer.Option("--opt-level", min=0, max=5, help="Builder optimisation level.")] = 3,
+    timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="Timing cache file (reused).")] = None,
+    backend: Annotated[
+        str | None, typer.Option("--backend", help="tensorrt (default) or rtx (TensorRT-RTX, build-only checks).")
+    ] = None,
+    plugin_load: Annotated[str, typer.Option("--plugin-load", help="auto, dlopen or registry.")] = "auto",
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Engine cache directory.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Always rebuild.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="TensorRT's verbose log.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build a strongly typed TensorRT engine (run it on the Jetson itself: engines are not portable)."""
+    from .errors import ConfigError
+    from .exporters.trt import BuildSettings, build_engine
+    from .model.config import parse_int_list
+
+    profile = parse_int_list(batch, what="--batch") if batch else None
+    if profile is not None and len(profile) != 3:
+        raise ConfigError(f"--batch {batch!r} needs three values MIN,OPT,MAX, e.g. 1,4,16")
+    settings = BuildSettings(
+        precision=precision,  # type: ignore[arg-type]
+        workspace_mib=workspace,
+        optimization_level=opt_level,
+        batch=profile,  # type: ignore[arg-type]
+        timing_cache=timing_cache,
+        plugin_lib=plugin_lib,
+        plugin_load=plugin_load,  # type: ignore[arg-type]
+        backend=backend,  # type: ignore[arg-type]
+    )
+    res = build_engine(onnx_path, out, settings=settings, cache_dir=cache_dir, use_cache=not no_cache, verbose=verbose)
+    if as_json:
+        _print_json(res.to_dict())
+        return
+    rec = res.record
+    how = "from the engine cache" if res.cached else f"in {res.seconds:.1f} s"
+    typer.echo(f"built {res.plan} {how} ({rec.get('precision')}, {rec.get('backend')} {rec.get('tensorrt_version')})")
+    for w in res.warnings:
+        typer.echo(f"warning: {w}", err=True)
+
+
+@app.command()
+@handle_errors
+def verify(
+    plan: Annotated[Path, typer.Argument(help="Engine built by ats-deploy build.")],
+    reference: Annotated[Path, typer.Option("--reference", help="reference.npz written by ats-deploy export.")],
+    plugin_lib: Annotated[Path | None, typer.Option("--plugin-lib", help="libats_sampler.so (plugin form).")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="tensorrt (default) or rtx.")] = None,
+    no_cuda_graph: Annotated[bool, typer.Option("--no-cuda-graph", help="Plain enqueue, no CUDA graph.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare an engine with the PyTorch outputs stored at export time (no torch needed); exit 3 on failure."""
+    from .reports.parity import format_parity
+    from .runtime.verify import verify as run_verify
+
+    res = run_verify(plan, reference, plugin_lib=plugin_lib, backend=backend, cuda_graph=not no_cuda_graph)
+    if as_json:
+        _print_json(res.to_dict())
+    else:
+        typer.echo(format_parity(res.parity, title=f"TensorRT ({res.precision}) vs PyTorch reference"))
+    if not res.parity.passed:
+        raise GateFailed("verify gate failed: " + "; ".join(res.parity.failures))
+
+
+@app.command()
+@handle_errors
+def bundle(
+    out_dir: Annotated[Path, typer.Argument(help="Directory written by ats-deploy export.")],
+    output: Annotated[Path, typer.Option("-o", "--out", help="Archive to write, e.g. ats_bundle.tar.gz.")],
+    plugin_src: Annotated[Path | None, typer.Option("--plugin-src", help="Plugin sources (default: shipped).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Top folder inside the archive.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pack everything a Jetson needs (ONNX forms, plugin sources, manifest, reference, README)."""
+    from .exporters.bundle import make_bundle
+
+    res = make_bundle(out_dir, output, plugin_src=plugin_src, name=name)
+    if as_json:
+        _print_json(res.to_dict())
+    else:
+        typer.echo(f"wrote {res.path} ({len(res.files)} files, {res.bytes / 1e6:.1f} MB, sha256 {res.sha256[:12]}...)")
+
+
 @plugin_app.command("build")
 @handle_errors
 def plugin_build(
@@ -387,12 +484,21 @@ def plugin_build(
     kernel_only: Annotated[
         bool, typer.Option("--kernel-only", help="Build only the CUDA kernel library (no TensorRT).")
     ] = False,
+    source_dir: Annotated[
+        Path | None, typer.Option("--source-dir", help="Plugin sources (default: the ones shipped with ats-deploy).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Build libats_sampler.so (the TensorRT plugin) where TensorRT is installed."""
     from .exporters.plugin_lib import build_plugin
 
-    lib = build_plugin(build_dir=build_dir, tensorrt_root=tensorrt_root, cuda_arch=cuda_arch, kernel_only=kernel_only)
+    lib = build_plugin(
+        source_dir=source_dir,
+        build_dir=build_dir,
+        tensorrt_root=tensorrt_root,
+        cuda_arch=cuda_arch,
+        kernel_only=kernel_only,
+    )
     if as_json:
         _print_json({"library": str(lib)})
     else:

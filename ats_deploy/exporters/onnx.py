@@ -18,9 +18,8 @@ import numpy as np
 import onnx
 
 from .. import __version__
-from ..model.config import ATSConfig, ViTConfig
+from ..model.config import MASK_VALUE, ATSConfig, ViTConfig
 from ..model.reference import output_slots
-from ..model.vit import MASK_VALUE
 from .graph import FLOAT, INT32, INT64, Dim, GraphBuilder
 from .sampler import _reduce, emit_sampler
 

@@ -11,8 +11,7 @@ It performs exactly the operations of :func:`ats_deploy.model.ats.select_tokens`
 
 from __future__ import annotations
 
-from ..model.ats import BIG
-from ..model.reference import grid_size
+from ..model.reference import BIG, grid_size
 from .graph import FLOAT, INT32, INT64, Dim, GraphBuilder
 from .plugin_lib import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 

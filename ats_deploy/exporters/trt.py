@@ -38,6 +38,7 @@ from types import ModuleType
 from typing import Any, ClassVar, Literal
 
 from ..errors import ConfigError, DependencyError, ExportError, InputError
+from .export import FORMAT
 from .plugin_lib import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 __all__ = [
@@ -70,7 +71,6 @@ CACHE_ENV = "ATS_DEPLOY_CACHE"
 CHILD_ENV = "ATS_DEPLOY_BUILD_CHILD"  # set in the isolated build process (rtx_plugin.build_in_child)
 RECORD_FORMAT = "ats-deploy-engine/1"
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "ats-deploy/1"  # exporters.export.FORMAT (not imported: that module pulls in torch)
 TEGRA_RELEASE = "/etc/nv_tegra_release"
 MIN_TENSORRT = (10, 0)  # IPluginV3 and size tensors
 MIN_TENSORRT_JETSON = (10, 3)  # JetPack 6.1
@@ -412,7 +412,7 @@ def _read_manifest(onnx_path: Path, manifest: str | os.PathLike[str] | None) -> 
         data = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"{p} is not readable JSON ({exc}); re-run ats-deploy export") from None
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise InputError(f"{p} is not an ats-deploy manifest; re-run ats-deploy export")
     return p, data
 

@@ -12,11 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .reference import grid_size, output_slots
+from .reference import BIG, grid_size, output_slots
 
 __all__ = ["BIG", "token_scores", "select_tokens"]
-
-BIG = 1.0e30  # stands in for +inf on invalid slots (finite, so no inf/nan can leak into a graph)
 
 
 def token_scores(cls_attn: Tensor, v: Tensor) -> Tensor:

@@ -18,6 +18,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ShapeMode = Literal["static", "dynamic"]
 
+# Added to masked (padded) attention logits in later blocks: finite, and safe in float16 (max 65504).
+MASK_VALUE = -30000.0
+
 
 @dataclass(frozen=True)
 class ViTConfig:

@@ -22,7 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SelectionDetail", "grid_size", "output_slots", "select_one", "select_reference", "near_boundary"]
+# Stands in for +inf on invalid slots in the vectorised samplers (torch and ONNX): finite, so no inf or
+# nan can leak into a graph.
+BIG = 1.0e30
+
+__all__ = ["BIG", "SelectionDetail", "grid_size", "output_slots", "select_one", "select_reference", "near_boundary"]
 
 
 def grid_size(k_max: int, n_ref: int) -> int:

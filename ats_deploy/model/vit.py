@@ -17,11 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from .ats import select_tokens, token_scores
-from .config import ATSConfig, ViTConfig
+from .config import MASK_VALUE, ATSConfig, ViTConfig
 
 __all__ = ["ATSOutput", "VisionTransformer", "MASK_VALUE"]
-
-MASK_VALUE = -30000.0  # added to masked attention logits: finite, and safe in float16 (max 65504)
 
 
 @dataclass(frozen=True)

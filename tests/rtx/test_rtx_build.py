@@ -230,3 +230,24 @@ def test_fp16_export_builds_strongly_typed(rtx, tmp_path, shape):
         if "plugin" in name:
             assert len(rec["network"]["plugin_layers"]) == ATS_BLOCKS
             assert [o["dtype"] for o in rec["network"]["plugin_layers"][0]["outputs"]][:2] == ["int32", "int32"]
+
+
+def test_cli_build_and_bundle(exports, tmp_path):
+    """`ats-deploy build --backend rtx` and `ats-deploy bundle` through the CLI, as a user runs them."""
+    from typer.testing import CliRunner
+
+    from ats_deploy.cli import app
+
+    export = exports[("dynamic", True)]
+    cli = CliRunner()
+    res = cli.invoke(
+        app, ["build", str(export / "model.plugin.onnx"), "--backend", "rtx", "-o", str(tmp_path / "m.plan")]
+    )
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "m.plan").stat().st_size > 0
+    assert read_record(tmp_path / "m.plan")["precision"] == "fp32"
+    res = cli.invoke(app, ["build", str(export / "model.onnx"), "--backend", "rtx", "--precision", "fp16"])
+    assert res.exit_code == 1 and "fp32" in res.output  # precision lives in the ONNX: a mismatch is refused
+    res = cli.invoke(app, ["bundle", str(export), "-o", str(tmp_path / "b.tar.gz"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["bytes"] == (tmp_path / "b.tar.gz").stat().st_size

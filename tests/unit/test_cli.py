@@ -185,9 +185,12 @@ def test_failed_export_keeps_previous_good_one(tiny_pt, tmp_path, monkeypatch):
 
 
 def test_import_and_help_stay_light():
-    """`import ats_deploy` and `ats-deploy --help` need neither torch, onnxruntime nor TensorRT."""
+    """`import ats_deploy`, `ats-deploy --help` and the on-device modules (build, verify, bundle) need
+    neither torch, onnxruntime nor TensorRT at import time: a Jetson often has no torch."""
     code = (
         "import sys, ats_deploy, ats_deploy.cli\n"
+        "import ats_deploy.exporters.trt, ats_deploy.runtime.trt_runner, ats_deploy.runtime.verify\n"
+        "import ats_deploy.exporters.bundle, ats_deploy.exporters.onnx, ats_deploy.exporters.export\n"
         "from typer.testing import CliRunner\n"
         "r = CliRunner().invoke(ats_deploy.cli.app, ['--help'])\n"
         "assert r.exit_code == 0, r.output\n"
