@@ -308,3 +308,31 @@ def test_embedded_default_precision_figures(tmp_path):
         res = compare_precision(ref, _run(m, x), precision=name, blocks=ats.blocks)
         print(format_precision_parity(res))
         assert res.logits_cosine_mean > 0.9, format_precision_parity(res)
+
+
+def test_export_directory_flow(tmp_path, tiny_ckpt, calib_data):
+    """What the CLI wires: export -> fp16 + int8 artifacts recorded in the manifest -> precision parity."""
+    import json
+
+    from ats_deploy.calibration.fp16 import write_fp16
+    from ats_deploy.calibration.int8 import calibrate_export
+    from ats_deploy.calibration.precision import run_precision_parity
+    from ats_deploy.exporters.export import export_model, sha256_file
+
+    ats = resolve_ats(tiny_ckpt.config, max_k="40")
+    opts = GraphOptions(sampler="plugin", dynamic_batch=True)
+    source = {"kind": "embedded", "seed": 7, "qk_gain": 1.5}  # the tiny_ckpt fixture
+    export_model(tiny_ckpt, ats, tmp_path, opts=opts, parity_count=0, source=source)
+    files = write_fp16(tmp_path)
+    assert set(files) == {"model.fp16.onnx", "model.plugin.fp16.onnx"}
+    res, files8 = calibrate_export(tmp_path, calib_data, method="max", progress=False)
+    assert set(files8) == {"model.int8.onnx", "model.plugin.int8.onnx"} and not res.cache_hit
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    for name, digest in {**files, **files8}.items():
+        assert man["artifacts"][name]["sha256"] == digest == sha256_file(tmp_path / name)
+    assert man["precisions"]["int8"]["method"] == "max" and (tmp_path / "calibration.json").exists()
+    assert calibrate_export(tmp_path, calib_data, method="max", progress=False)[0].cache_hit
+    for precision in ("fp16", "int8"):
+        for form in ("portable", "plugin"):
+            r, info = run_precision_parity(tmp_path, precision, count=8, form=form)
+            assert r.base.images == 8 and r.logits_cosine_mean > 0.9 and info["onnx"].endswith(f"{precision}.onnx")
