@@ -237,21 +237,21 @@ def trt_runner_factory(*, fp16: bool = True) -> Callable[..., Runner]:
     root = Path(tempfile.mkdtemp(prefix="ats-deploy-trt-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
 
-    def build(proto, tag: str, batch: int, *, cfg=None, ats: ATSConfig | None = None) -> Runner:
+    def build(proto, tag: str, batch: int, *, cfg, ats: ATSConfig | None = None) -> Runner:
         d = root / tag
         d.mkdir(parents=True, exist_ok=True)
         path = d / "model.onnx"
         save_onnx(proto, path)
-        if cfg is not None:
-            man = build_manifest(
-                cfg,
-                ats or ATSConfig(),
-                GraphOptions(batch=batch),
-                pre=preprocess_for(cfg),
-                files={"model.onnx": sha256_file(path)},
-                source={"kind": "report", "tag": tag},
-            )
-            (d / MANIFEST).write_text(json.dumps(man, indent=2))
+        # build_engine only accepts graphs of ours: each one gets its manifest beside it.
+        man = build_manifest(
+            cfg,
+            ats or ATSConfig(),
+            GraphOptions(batch=batch),
+            pre=preprocess_for(cfg),
+            files={"model.onnx": sha256_file(path)},
+            source={"kind": "report", "tag": tag},
+        )
+        (d / MANIFEST).write_text(json.dumps(man, indent=2))
         res = trt_build.build_engine(path)
         return TrtRunner(res.plan)
 
