@@ -100,7 +100,7 @@ class CalibrationSettings:
 
 @dataclass(frozen=True)
 class CalibrationResult:
-    """What :func:`calibrate` did; ``amax`` maps activation tensor names to the calibrated |x| range."""
+    """What :func:`calibrate` did; ``amax`` maps Linear layer names to their input's calibrated |x| range."""
 
     output: Path | None
     amax: dict[str, float]
@@ -147,7 +147,7 @@ def _as_batches(data, pre: Preprocess, *, limit: int | None) -> tuple[list[np.nd
                 f"calibration data of type {type(data).__name__} is not a folder, an array or an iterable of arrays"
             ) from None
     batches: list[np.ndarray] = []
-    h = hashlib.sha256()
+    h = hashlib.sha256(str(want).encode())  # then the pixels image by image: batching does not matter
     n = 0
     for k, b in enumerate(items):
         b = np.asarray(b)
@@ -163,7 +163,6 @@ def _as_batches(data, pre: Preprocess, *, limit: int | None) -> tuple[list[np.nd
         if len(b) == 0:
             break
         b = np.ascontiguousarray(b, dtype=np.float32)
-        h.update(str(b.shape).encode())
         h.update(b.tobytes())
         batches.append(b)
         n += len(b)
@@ -286,7 +285,7 @@ def collect_ranges(
     progress: bool = True,
     label: str = "",
 ) -> dict[str, float]:
-    """|x| ranges of the quantised MatMuls' activation inputs of a float32 model (portable or plugin form)."""
+    """|x| range of each quantised Linear layer's input (keyed by layer name) of a float32 model."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -327,7 +326,7 @@ def collect_ranges(
                 if settings.valid_rows_only and cb is not None and a.ndim == 3:
                     cnt = outs[f"count_{cb}"][:real]
                     a = np.concatenate([a[i, : int(cnt[i])] for i in range(real)])
-                vals[s.activation] = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
+                vals[s.layer] = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
             col.add(vals)
             bar.advance(task, real)
         bar.update(task, description=f"{label or 'ranges'}: computing {settings.method} thresholds")
@@ -345,9 +344,9 @@ def _fp16_scale(x: np.ndarray | float) -> np.ndarray:
 def quantize_int8(model: onnx.ModelProto | str | Path, amax: dict[str, float]) -> onnx.ModelProto:
     """The INT8 graph of a float32 export: its FP16 graph plus Q/DQ on the block Linear MatMuls' inputs.
 
-    ``amax`` maps each quantised MatMul's activation input name to its calibrated |x| range (from
-    :func:`collect_ranges` or :func:`calibrate`). Works on the portable and the plugin form alike (the
-    tensor names are the same).
+    ``amax`` maps each quantised Linear layer (timm name, e.g. ``blocks.3.attn.qkv``) to the calibrated |x|
+    range of its input (from :func:`collect_ranges` or :func:`calibrate`). Layer names, unlike generated
+    tensor names, are the same in the portable and the plugin form, so one calibration serves both.
     """
     from .fp16 import convert_to_fp16
 
@@ -357,10 +356,10 @@ def quantize_int8(model: onnx.ModelProto | str | Path, amax: dict[str, float]) -
     fp32_weights = {t.name: t for t in src.graph.initializer}
     m16, _ = convert_to_fp16(upgrade_opset(src, QDQ_OPSET))
     sites = [s for s in linear_sites(m16) if s.kind in QUANTIZED_KINDS]
-    missing = [s.activation for s in sites if s.activation not in amax]
+    missing = [s.layer for s in sites if s.layer not in amax]
     if missing:
         raise InputError(
-            f"no calibrated range for {len(missing)} MatMul input(s) (first: {missing[0]}); "
+            f"no calibrated range for {len(missing)} Linear layer(s) (first: {missing[0]}); "
             "the ranges belong to another model: re-run ats-deploy calibrate"
         )
     g = m16.graph
@@ -369,7 +368,7 @@ def quantize_int8(model: onnx.ModelProto | str | Path, amax: dict[str, float]) -
     for s in sites:
         layer = s.layer
         # Activation: per tensor, symmetric.
-        a_scale = _fp16_scale(float(amax[s.activation]) / QMAX)
+        a_scale = _fp16_scale(float(amax[s.layer]) / QMAX)
         sn, zn = f"{layer}.input_scale", f"{layer}.input_zero_point"
         g.initializer.extend([numpy_helper.from_array(a_scale, sn), numpy_helper.from_array(np.int8(0), zn)])
         q = helper.make_node("QuantizeLinear", [s.activation, sn, zn], [f"{layer}.input_q"], name=f"{layer}/input/Q")
