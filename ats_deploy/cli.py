@@ -141,6 +141,11 @@ def export(
     inputs: Annotated[
         Path | None, typer.Option("--inputs", help="Images folder or .npy to use for the parity check.")
     ] = None,
+    precision: Annotated[
+        str, typer.Option("--precision", help="fp32, fp16 (adds model.fp16.onnx) or int8 (also needs --calib-data).")
+    ] = "fp32",
+    calib_data: Annotated[Path | None, typer.Option("--calib-data", help="Calibration images/.npy for int8.")] = None,
+    calib_method: Annotated[str, typer.Option("--calib-method", help="entropy, max or percentile.")] = "entropy",
     as_json: JsonOpt = False,
 ) -> None:
     """Export a ViT checkpoint with ATS to ONNX (+ manifest, reference outputs) and check parity."""
@@ -151,14 +156,33 @@ def export(
 
     if sampler not in ("portable", "plugin"):
         raise ConfigError(f"--sampler {sampler!r} is unknown; use portable or plugin")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ConfigError(f"--precision {precision!r} is unknown; use fp32, fp16 or int8")
+    if precision == "int8" and calib_data is None:
+        raise ConfigError("--precision int8 needs --calib-data (a folder of images or .npy arrays, 100+ samples)")
     ck, source = _load(model, trust_pickle=trust_pickle, heads=heads)
     ats = _ats(ck.config, ats_blocks, max_k, shape)
     opts = GraphOptions(batch=batch, dynamic_batch=dynamic_batch, sampler=sampler, opset=opset)  # type: ignore[arg-type]
     res = export_model(ck, ats, out, opts=opts, parity_count=parity_count, inputs=inputs, source=source)
+    extra: dict[str, str] = {}
+    if precision in ("fp16", "int8"):
+        from .calibration.fp16 import write_fp16
+
+        extra.update(write_fp16(out))
+    if precision == "int8":
+        from .calibration.int8 import calibrate_export
+
+        _, written = calibrate_export(out, calib_data, method=calib_method, progress=not as_json)
+        extra.update(written)
     if as_json:
-        _print_json({"out_dir": str(res.out_dir), "files": res.files, "seconds": res.seconds, "manifest": res.manifest})
+        from .exporters.export import read_manifest
+
+        manifest = read_manifest(out) if extra else res.manifest
+        files = {**res.files, **extra}
+        _print_json({"out_dir": str(res.out_dir), "files": files, "seconds": res.seconds, "manifest": manifest})
     else:
-        typer.echo(f"exported {ck.source} -> {res.out_dir}/ ({', '.join(res.files)}) in {res.seconds:.1f} s")
+        names = ", ".join([*res.files, *extra])
+        typer.echo(f"exported {ck.source} -> {res.out_dir}/ ({names}) in {res.seconds:.1f} s")
         typer.echo(
             f"ATS blocks {list(ats.blocks)}  K {list(ats.k_schedule)}  shape {ats.shape_mode}  n_ref {ck.config.n_ref}"
         )
@@ -179,10 +203,28 @@ def parity(
     model: Annotated[Path | None, typer.Option("--model", help="The exported checkpoint, if it moved.")] = None,
     trust_pickle: TrustOpt = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")] = 1,
+    precision: Annotated[
+        str, typer.Option("--precision", help="fp32 (model.onnx), fp16 or int8 (the converted graphs).")
+    ] = "fp32",
+    form: Annotated[str, typer.Option("--form", help="portable or plugin (expanded for ONNX Runtime).")] = "portable",
     as_json: JsonOpt = False,
 ) -> None:
     """Compare PyTorch with ONNX Runtime on an export; exit 3 when a gate fails."""
     from .reports.parity import run_parity
+
+    if precision != "fp32":
+        from .calibration.precision import format_precision_parity, run_precision_parity
+
+        pres, pinfo = run_precision_parity(
+            out_dir, precision, inputs=inputs, count=count, seed=seed, model=model, trust_pickle=trust_pickle, form=form
+        )
+        if as_json:
+            _print_json({**pinfo, **pres.to_dict()})
+        else:
+            typer.echo(format_precision_parity(pres))
+        if not pres.passed:
+            raise GateFailed(f"{precision} parity gate failed")
+        return
 
     res, info = run_parity(out_dir, inputs=inputs, count=count, model=model, trust_pickle=trust_pickle, seed=seed)
     if as_json:
@@ -193,6 +235,29 @@ def parity(
         typer.echo(format_parity(res, title=f"PyTorch vs ONNX Runtime ({info['inputs']})"))
     if not res.passed:
         raise GateFailed("parity gate failed: " + "; ".join(res.failures))
+
+
+@app.command()
+@handle_errors
+def calibrate(
+    out_dir: Annotated[Path, typer.Argument(help="Directory written by ats-deploy export.")],
+    data: Annotated[Path, typer.Option("--data", help="Calibration images folder or .npy (100+ samples).")],
+    method: Annotated[str, typer.Option("--method", help="entropy, max or percentile.")] = "entropy",
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Use at most this many samples.")] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Calibration batch size.")] = 16,
+    percentile: Annotated[float, typer.Option("--percentile", help="For --method percentile.")] = 99.99,
+    as_json: JsonOpt = False,
+) -> None:
+    """INT8 on CPU: activation ranges with ONNX Runtime, explicit Q/DQ on the Linear inputs (model.int8.onnx)."""
+    from .calibration.int8 import calibrate_export
+
+    res, written = calibrate_export(
+        out_dir, data, method=method, limit=limit, batch_size=batch, percentile=percentile, progress=not as_json
+    )
+    if as_json:
+        _print_json({**res.to_dict(), "files": written})
+    else:
+        typer.echo(f"calibrated ({method}) -> {', '.join(written)} in {out_dir}")
 
 
 @app.command()

@@ -232,6 +232,27 @@ def test_fp16_export_builds_strongly_typed(rtx, tmp_path, shape):
             assert [o["dtype"] for o in rec["network"]["plugin_layers"][0]["outputs"]][:2] == ["int32", "int32"]
 
 
+@pytest.mark.parametrize("shape", ["static", "dynamic"])
+def test_int8_export_builds_strongly_typed(rtx, tmp_path, shape):
+    """The explicit Q/DQ graphs of ats_deploy.calibration.int8 build as int8 engines, both forms."""
+    import numpy as np
+
+    from ats_deploy.calibration.fp16 import write_fp16
+    from ats_deploy.calibration.int8 import calibrate_export
+
+    export = tiny_export(tmp_path / "export", shape=shape, dynamic_batch=True, parity_count=2)
+    write_fp16(export)
+    data = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    _, written = calibrate_export(export, data, method="max", progress=False)
+    names = [n for n in written if n.endswith(".onnx")]
+    assert set(names) == {"model.int8.onnx", "model.plugin.int8.onnx"}
+    for name in names:
+        res = build_engine(export / name, settings=BuildSettings(backend="rtx", precision="int8"), use_cache=False)
+        assert res.record["precision"] == "int8"
+        if "plugin" in name:
+            assert len(res.record["network"]["plugin_layers"]) == ATS_BLOCKS
+
+
 def test_cli_build_and_bundle(exports, tmp_path):
     """`ats-deploy build --backend rtx` and `ats-deploy bundle` through the CLI, as a user runs them."""
     from typer.testing import CliRunner

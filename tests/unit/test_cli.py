@@ -254,3 +254,28 @@ def test_report_and_tune_k_commands(exported, tmp_path):
     assert res.exit_code == 0, res.output
     tuned = json.loads(res.stdout)
     assert all(2 <= k <= 65 for k in tuned["k_schedule"]) and len(tuned["k_schedule"]) == 4
+
+
+def test_export_precisions_and_calibrate(tiny_pt, tmp_path):
+    """--precision fp16 adds the fp16 graphs; calibrate adds int8 ones; parity --precision reports them."""
+    out = tmp_path / "o"
+    res = runner.invoke(app, ["export", str(tiny_pt), "--heads", "2", "-o", str(out), "--precision", "fp16", "--json"])
+    assert res.exit_code == 0, res.output
+    files = json.loads(res.stdout)["files"]
+    assert {"model.onnx", "model.fp16.onnx"} <= set(files)
+    man = json.loads((out / "manifest.json").read_text())
+    assert "model.fp16.onnx" in man["artifacts"]
+    _one_line_error(
+        runner.invoke(app, ["export", str(tiny_pt), "--heads", "2", "-o", str(out), "--precision", "int8"]),
+        "--calib-data",
+    )
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((8, 3, 64, 64)).astype(np.float32))
+    res = runner.invoke(
+        app, ["calibrate", str(out), "--data", str(tmp_path / "calib.npy"), "--method", "max", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    assert (out / "model.int8.onnx").is_file()
+    res = runner.invoke(app, ["parity", str(out), "--precision", "fp16", "--count", "4", "--json"])
+    assert res.exit_code in (0, 3), res.output  # the seeded model is untrained: the gate may fail, the report must not
+    data = json.loads(res.stdout[: res.stdout.rindex("}") + 1])
+    assert data["base"]["images"] == 4 and "logits_cosine_mean" in data
