@@ -74,19 +74,9 @@ def handle_errors(fn):
 
 
 def _print_json(data) -> None:
-    typer.echo(json.dumps(data, indent=2, default=_jsonable))
+    from ._json import json_default
 
-
-def _jsonable(o):
-    import numpy as np
-
-    if isinstance(o, (np.integer, np.floating)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
+    typer.echo(json.dumps(data, indent=2, default=json_default))
 
 
 def _load(model: Path | None, *, trust_pickle: bool, heads: int | None):

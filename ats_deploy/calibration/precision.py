@@ -370,34 +370,20 @@ def run_precision_parity(
     sampler (exporters/convert.py), which proves the plugin form's float16/int8 surroundings on CPU.
     Held-out inputs: random normal pixels with ``seed`` (calibration uses its own data) or ``inputs``.
     """
-    from ..calibration.data import Preprocess, load_inputs, random_inputs
-    from ..exporters.export import checkpoint_from_manifest, read_manifest
-    from ..model.config import ATSConfig
+    from ..reports.parity import load_export_setup
     from ..runtime.ort_runner import OrtRunner, run_batched
     from ..runtime.torch_runner import TorchRunner
 
     if precision not in PRECISIONS:
         raise InputError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
     out = Path(out_dir)
-    man = read_manifest(out)
     name = artifact_name("model.plugin.onnx" if form == "plugin" else "model.onnx", precision)
     path = out / name
     if not path.exists():
         how = "ats-deploy export --precision fp16" if precision == "fp16" else "ats-deploy calibrate"
         raise InputError(f"{path} is missing; create it with {how}")
-    pre = Preprocess.from_dict(man["preprocessing"])
-    if inputs is not None:
-        x, _ = load_inputs(inputs, pre)
-        label = f"{len(x)} inputs from {inputs}"
-    else:
-        x = random_inputs(count, pre, seed=seed)
-        label = f"{count} random inputs (seed {seed})"
-    batch = man["graph"]["batch"]
-    if batch and len(x) % batch:
-        x = np.concatenate([x, x[: batch - len(x) % batch]])
-    a = man["ats"]
-    ats = ATSConfig(blocks=tuple(a["blocks"]), k_schedule=tuple(a["k_schedule"]), shape_mode=a["shape_mode"])
-    ck = checkpoint_from_manifest(man, model=model, trust_pickle=trust_pickle)
+    st = load_export_setup(out, inputs=inputs, count=count, seed=seed, model=model, trust_pickle=trust_pickle)
+    x, label, batch, ats, ck = st.pixels, st.label, st.batch, st.ats, st.checkpoint
     src: bytes | Path = path
     if form == "plugin":
         from ..exporters.convert import plugin_to_portable
@@ -407,7 +393,7 @@ def run_precision_parity(
         ref = run_batched(tr, x, batch)
     with OrtRunner(src) as orr:
         got = run_batched(orr, x, batch)
-    res = compare_precision(ref, got, precision=precision, blocks=ats.blocks, prefix_tokens=int(a["prefix_tokens"]))
+    res = compare_precision(ref, got, precision=precision, blocks=ats.blocks, prefix_tokens=st.prefix_tokens)
     return res, {"inputs": label, "backend": "onnxruntime", "reference": "torch", "onnx": str(path)}
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from .._json import json_default
 from ..calibration.data import Preprocess, load_inputs, random_inputs
 from ..errors import CheckpointError, ExportError, InputError
 from ..model.checkpoints import LoadedCheckpoint, load_checkpoint
@@ -213,16 +214,8 @@ def export_model(
         if parity is not None:
             manifest["parity"] = {"backend": "onnxruntime", "reference": "torch", **parity.to_dict()}
         p_man = w.path(MANIFEST)
-        p_man.write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+        p_man.write_text(json.dumps(manifest, indent=2, default=json_default) + "\n")
     return ExportResult(Path(out_dir), files, manifest, parity, time.perf_counter() - t0)
-
-
-def _json_default(o):
-    if isinstance(o, float) and not np.isfinite(o):
-        return str(o)
-    if isinstance(o, (np.integer, np.floating)):
-        return o.item()
-    raise TypeError(type(o).__name__)
 
 
 def _check(model) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._json import json_default
 from ..errors import ConfigError, DependencyError, GateFailed, InputError
 from ..model.checkpoints import LoadedCheckpoint
 from ..model.config import ATSConfig
@@ -601,16 +602,6 @@ def _write(out: Path, data: dict, *, plots: bool) -> tuple[str, ...]:
             except DependencyError as exc:
                 data["warnings"].append(f"PNG plots skipped: {exc}")
         p_json = w.path("report.json")
-        p_json.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+        p_json.write_text(json.dumps(data, indent=2, default=json_default) + "\n")
         w.path("report.md").write_text(render_markdown(data))
     return ("report.json", "report.md", *data["plots"])
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer, np.floating)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o).__name__)

@@ -139,6 +139,43 @@ def format_parity(res: ParityResult, *, title: str = "parity") -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class ExportSetup:
+    """What a parity run needs from an export directory: manifest, inputs, ATS config and weights."""
+
+    manifest: dict
+    pixels: np.ndarray
+    label: str
+    batch: int | None
+    ats: object  # ATSConfig (kept untyped here so this module imports without the model package)
+    checkpoint: object  # LoadedCheckpoint
+    prefix_tokens: int
+
+
+def load_export_setup(out_dir, *, inputs=None, count: int = 16, seed: int = 1, model=None, trust_pickle=False):
+    """Manifest, held-out inputs (``inputs`` or ``count`` random ones, padded to whole static batches), ATS
+    config and the exported weights of an export directory."""
+    from ..calibration.data import Preprocess, load_inputs, random_inputs
+    from ..exporters.export import checkpoint_from_manifest, read_manifest
+    from ..model.config import ATSConfig
+
+    man = read_manifest(out_dir)
+    pre = Preprocess.from_dict(man["preprocessing"])
+    if inputs is not None:
+        x, _ = load_inputs(inputs, pre)
+        label = f"{len(x)} inputs from {inputs}"
+    else:
+        x = random_inputs(count, pre, seed=seed)
+        label = f"{count} random inputs (seed {seed})"
+    batch = man["graph"]["batch"]
+    if batch and len(x) % batch:
+        x = np.concatenate([x, x[: batch - len(x) % batch]])  # pad with repeats to whole batches
+    a = man["ats"]
+    ats = ATSConfig(blocks=tuple(a["blocks"]), k_schedule=tuple(a["k_schedule"]), shape_mode=a["shape_mode"])
+    ck = checkpoint_from_manifest(man, model=model, trust_pickle=trust_pickle)
+    return ExportSetup(man, x, label, batch, ats, ck, int(a.get("prefix_tokens", 1)))
+
+
 def run_parity(
     out_dir,
     *,
@@ -151,10 +188,8 @@ def run_parity(
     """PyTorch vs ONNX Runtime on an export directory (random inputs unless ``inputs`` is given)."""
     from pathlib import Path
 
-    from ..calibration.data import Preprocess, load_inputs, random_inputs
     from ..errors import InputError
-    from ..exporters.export import checkpoint_from_manifest, read_manifest, sha256_file
-    from ..model.config import ATSConfig
+    from ..exporters.export import read_manifest, sha256_file
     from ..runtime.ort_runner import OrtRunner, run_batched
     from ..runtime.torch_runner import TorchRunner
 
@@ -166,22 +201,10 @@ def run_parity(
     want = man["artifacts"].get("model.onnx", {}).get("sha256")
     if want and sha256_file(onnx_path) != want:
         raise InputError(f"{onnx_path} does not match its manifest (sha256); re-run ats-deploy export -o {out}")
-    pre = Preprocess.from_dict(man["preprocessing"])
-    if inputs is not None:
-        x, _ = load_inputs(inputs, pre)
-        label = f"{len(x)} inputs from {inputs}"
-    else:
-        x = random_inputs(count, pre, seed=seed)
-        label = f"{count} random inputs"
-    batch = man["graph"]["batch"]
-    if batch and len(x) % batch:
-        x = np.concatenate([x, x[: batch - len(x) % batch]])  # pad with repeats to whole batches
-    a = man["ats"]
-    ats = ATSConfig(blocks=tuple(a["blocks"]), k_schedule=tuple(a["k_schedule"]), shape_mode=a["shape_mode"])
-    ck = checkpoint_from_manifest(man, model=model, trust_pickle=trust_pickle)
-    with TorchRunner(ck, ats) as tr:
-        ref = run_batched(tr, x, batch)
+    st = load_export_setup(out, inputs=inputs, count=count, seed=seed, model=model, trust_pickle=trust_pickle)
+    with TorchRunner(st.checkpoint, st.ats) as tr:
+        ref = run_batched(tr, st.pixels, st.batch)
     with OrtRunner(onnx_path) as orr:
-        got = run_batched(orr, x, batch)
-    res = compare_outputs(ref, got, blocks=ats.blocks, prefix_tokens=int(a.get("prefix_tokens", 1)))
-    return res, {"inputs": label, "backend": "onnxruntime", "reference": "torch", "onnx": str(onnx_path)}
+        got = run_batched(orr, st.pixels, st.batch)
+    res = compare_outputs(ref, got, blocks=st.ats.blocks, prefix_tokens=st.prefix_tokens)
+    return res, {"inputs": st.label, "backend": "onnxruntime", "reference": "torch", "onnx": str(onnx_path)}
