@@ -151,3 +151,40 @@ def render_report(report: EvalReport) -> str:
             f"{s.name:32s} {s.top1:8.2f} {s.agreement:9.2f} {s.gflops_adaptive:7.3f} {s.gflops_static:7.3f}  {kept}"
         )
     return "\n".join(lines)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m ats_deploy.demo.evaluate WEIGHTS [--images 2000] [--max-k 99] [--json out.json]``."""
+    import argparse
+    from pathlib import Path
+
+    from ..model.checkpoints import load_checkpoint
+    from .weights import DEMO_WEIGHTS, load_demo_checkpoint
+
+    p = argparse.ArgumentParser(description="dense vs ATS top-1, K' and GFLOPs on held-out shapes images")
+    p.add_argument("weights", nargs="?", default=str(DEMO_WEIGHTS))
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=HELDOUT_SEED)
+    p.add_argument("--max-k", type=int, action="append", help="K of an extra ATS setting (repeatable; default 99)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    w = Path(a.weights)
+    ck = load_demo_checkpoint(w) if w.suffix == ".safetensors" else load_checkpoint(w)
+    rep = evaluate(
+        ck, images=a.images, seed=a.seed, batch_size=a.batch_size, max_ks=(None, *(a.max_k or [99])), device=a.device
+    )
+    print(render_report(rep))
+    if a.json:
+        a.json.write_text(rep.to_json())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

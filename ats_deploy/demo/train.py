@@ -44,12 +44,18 @@ __all__ = [
 ]
 
 
+MONITOR_OFFSET = 10_000_000  # held-out indices used to watch training (final evaluation uses 0..)
+
+
 @dataclass(frozen=True)
 class Phase:
     img_size: int
     steps: int
     lr: float
     warmup: int
+    # Object diameter range (fraction of the side) for this phase; None: TrainConfig.scale. Larger
+    # objects early are a curriculum; the monitoring top-1 always uses TrainConfig.scale.
+    scale: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -77,11 +83,44 @@ class TrainConfig:
     ckpt_every_s: float = 300.0
     eval_every: int = 250
     eval_images: int = 200
+    workers: int = 0  # data-generating processes (0: in the training process; use several on a GPU box)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["phases"] = [asdict(p) for p in self.phases]
         return d
+
+    def recipe(self) -> dict:
+        """The fields that decide the weights: a resumed run must match these, not the bookkeeping."""
+        d = self.to_dict()
+        for k in ("device", "threads", "out_dir", "ckpt_every_s", "eval_every", "eval_images", "workers"):
+            d.pop(k)
+        return d
+
+
+class _Batches:
+    """Batch g of a phase = dataset items g*batch .. g*batch+batch-1: the same in any worker layout."""
+
+    def __init__(self, ds: ShapesDataset, batch_size: int, first: int, end: int) -> None:
+        self.ds, self.bs, self.first, self.end = ds, batch_size, first, end
+
+    def __len__(self) -> int:
+        return self.end - self.first
+
+    def __getitem__(self, i: int):
+        return self.ds.batch((self.first + i) * self.bs, self.bs)
+
+
+def _batch_iter(ds: ShapesDataset, batch_size: int, first: int, end: int, workers: int):
+    src = _Batches(ds, batch_size, first, end)
+    if workers <= 0:
+        return (src[i] for i in range(len(src)))
+    import torch
+
+    loader = torch.utils.data.DataLoader(
+        src, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=4, persistent_workers=False
+    )
+    return ((x.numpy(), y.numpy()) for x, y in loader)
 
 
 @dataclass(frozen=True)
@@ -170,10 +209,14 @@ def save_weights(model, path: str | Path, *, dtype: str = "float32", metadata: d
 
 
 def evaluate_dense(model, images: int, img_size: int, *, scale=(0.10, 0.25), batch: int = 50, device="cpu") -> float:
-    """Top-1 (%) of ``model`` on the first ``images`` held-out images (seed HELDOUT_SEED) at ``img_size``."""
+    """Top-1 (%) of ``model`` on ``images`` monitoring images at ``img_size``.
+
+    They come from the held-out seed but from index ``MONITOR_OFFSET`` on, so the images of the final
+    evaluation (indices 0..) stay untouched by anything done during training.
+    """
     import torch
 
-    ds = ShapesDataset(HELDOUT_SEED, images, img_size, scale=scale)
+    ds = ShapesDataset(HELDOUT_SEED, images, img_size, scale=scale, offset=MONITOR_OFFSET)
     was_training = model.training
     model.eval()
     correct = 0
@@ -254,7 +297,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
     # Global step g runs over all phases; resume restores weights, optimiser and g.
     state_path = out / "state.pt"
     state = torch.load(state_path, map_location="cpu", weights_only=False) if resume and state_path.exists() else None
-    if state is not None and state.get("train_config") != cfg.to_dict():
+    if state is not None and state.get("recipe") != cfg.recipe():
         state = None  # a different recipe: start over rather than mixing runs
     g0 = state["global_step"] if state else 0
     if state:
@@ -285,7 +328,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optim"])
             torch.set_rng_state(state["torch_rng"])
-        ds = ShapesDataset(cfg.data_seed, 2**62, phase.img_size, scale=cfg.scale)
+        ds = ShapesDataset(cfg.data_seed, 2**62, phase.img_size, scale=phase.scale or cfg.scale)
         log(event="phase", phase=pi, img_size=phase.img_size, steps=phase.steps, tokens=vcfg.num_tokens)
         last_ckpt = time.monotonic()
         t_win, n_win, loss_win = time.perf_counter(), 0, []
@@ -300,12 +343,13 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
         )
         with prog:
             task = prog.add_task("train", total=phase.steps, completed=max(0, g0 - g_start), info="")
-            for g in range(max(g0, g_start), g_end):
+            first = max(g0, g_start)
+            batches = _batch_iter(ds, cfg.batch_size, first, g_end, cfg.workers)
+            for g, (x, y) in zip(range(first, g_end), batches):
                 step = g - g_start
                 lr = lr_at(step, phase, cfg.min_lr)
                 for grp in opt.param_groups:
                     grp["lr"] = lr
-                x, y = ds.batch(g * cfg.batch_size, cfg.batch_size)
                 x, y = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
                 loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
@@ -351,7 +395,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
                             "model": model.state_dict(),
                             "optim": opt.state_dict(),
                             "torch_rng": torch.get_rng_state(),
-                            "train_config": cfg.to_dict(),
+                            "recipe": cfg.recipe(),
                         },
                         out / "state.pt.tmp",
                     )
@@ -426,6 +470,14 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr-high", type=float, default=d.phases[1].lr)
     p.add_argument("--warmup", type=int, default=d.phases[0].warmup)
     p.add_argument("--warmup-high", type=int, default=d.phases[1].warmup)
+    p.add_argument(
+        "--scale-low",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("MIN", "MAX"),
+        help="object diameter range of the low-resolution phase (curriculum); default: the data's",
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="auto")
@@ -433,12 +485,13 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt-every-s", type=float, default=d.ckpt_every_s)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-images", type=int, default=d.eval_images)
+    p.add_argument("--workers", type=int, default=0, help="data-generating processes (GPU boxes: 8-16)")
     p.add_argument("--no-resume", action="store_true")
     a = p.parse_args(argv)
     phases = tuple(
         ph
         for ph in (
-            Phase(a.img_low, a.steps_low, a.lr, a.warmup),
+            Phase(a.img_low, a.steps_low, a.lr, a.warmup, tuple(a.scale_low) if a.scale_low else None),
             Phase(a.img_high, a.steps_high, a.lr_high, a.warmup_high),
         )
         if ph.steps > 0
@@ -453,6 +506,7 @@ def _main(argv: list[str] | None = None) -> int:
         ckpt_every_s=a.ckpt_every_s,
         eval_every=a.eval_every,
         eval_images=a.eval_images,
+        workers=a.workers,
     )
     res = train(cfg, resume=not a.no_resume)
     print(res.final_weights)

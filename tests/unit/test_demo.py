@@ -108,7 +108,9 @@ def test_resize_pos_embed_keeps_prefix_and_constant_fields():
     assert torch.allclose(resize_pos_embed(const, 7, 14), torch.ones(1, 197, 8), atol=1e-5)
 
 
-def _tiny_train(tmp_path, name="run", *, resume=False):
+def _tiny_train(tmp_path, name="run", *, resume=False, **overrides):
+    from dataclasses import replace
+
     from ats_deploy.demo.train import Phase, TrainConfig, train
 
     cfg = TrainConfig(
@@ -119,7 +121,7 @@ def _tiny_train(tmp_path, name="run", *, resume=False):
         eval_every=0,
         threads=1,
     )
-    return train(cfg, resume=resume, progress=False)
+    return train(replace(cfg, **overrides), resume=resume, progress=False)
 
 
 def test_training_loop_runs_both_phases_and_writes_loadable_weights(tmp_path):
@@ -137,9 +139,11 @@ def test_training_loop_runs_both_phases_and_writes_loadable_weights(tmp_path):
     assert load_checkpoint(out / "phase0_end.safetensors", heads=2).config.img_size == 32
     events = [json.loads(line)["event"] for line in (out / "train.log").read_text().splitlines()]
     assert events[0] == "start" and events[-1] == "done" and "train" in events
-    # Resuming a finished run does no more steps and gives the same weights.
-    again = _tiny_train(tmp_path, resume=True)
-    assert again.steps == 5
+    # Resuming a finished run (bookkeeping such as the eval cadence may differ) does no more steps
+    # and gives the same weights.
+    again = _tiny_train(tmp_path, resume=True, eval_every=50, ckpt_every_s=1.0)
+    assert again.steps == 5 and again.history == []
+    assert json.loads((out / "train.log").read_text().splitlines()[-2])["event"] == "resume"
     resumed = load_checkpoint(again.final_weights, heads=2).state_dict
     assert all(np.array_equal(ck.state_dict[k], resumed[k]) for k in resumed)
 
@@ -197,3 +201,15 @@ def test_missing_demo_weights_say_how_to_make_them(tmp_path):
 
     with pytest.raises(CheckpointError, match="demo train"):
         load_demo_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_worker_processes_produce_the_same_batches():
+    from ats_deploy.demo.train import _batch_iter
+
+    ds = ShapesDataset(0, 2**62, 32)
+    a = list(_batch_iter(ds, 3, 5, 7, workers=0))
+    b = list(_batch_iter(ds, 3, 5, 7, workers=1))
+    assert len(a) == len(b) == 2
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+    assert np.array_equal(a[0][0], ds.batch(15, 3)[0])
