@@ -526,6 +526,29 @@ def bundle(
         typer.echo(f"wrote {res.path} ({len(res.files)} files, {res.bytes / 1e6:.1f} MB, sha256 {res.sha256[:12]}...)")
 
 
+demo_app = typer.Typer(help="The procedural shapes demo: train and evaluate a DeiT-Ti on generated images.")
+app.add_typer(demo_app, name="demo")
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@demo_app.command("train", context_settings=_PASS_THROUGH)
+@handle_errors
+def demo_train(ctx: typer.Context) -> None:
+    """Train the demo DeiT-Ti (options: python -m ats_deploy.demo.train --help; GPU strongly advised)."""
+    from .demo.train import _main
+
+    raise typer.Exit(_main(list(ctx.args)))
+
+
+@demo_app.command("eval", context_settings=_PASS_THROUGH)
+@handle_errors
+def demo_eval(ctx: typer.Context) -> None:
+    """Top-1 of dense vs ATS on held-out generated images (options: python -m ats_deploy.demo.evaluate --help)."""
+    from .demo.evaluate import _main
+
+    raise typer.Exit(_main(list(ctx.args)))
+
+
 @plugin_app.command("build")
 @handle_errors
 def plugin_build(

@@ -7,7 +7,6 @@ file is committed, :func:`load_demo_checkpoint` raises a CheckpointError saying 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +28,9 @@ DEMO_WEIGHTS = WEIGHTS_DIR / "deit_tiny_shapes.safetensors"
 
 
 def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from ..exporters.export import sha256_file
+
+    return sha256_file(path)
 
 
 def demo_weights_available(path: str | Path = DEMO_WEIGHTS) -> bool:
