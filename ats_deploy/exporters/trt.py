@@ -38,7 +38,7 @@ from types import ModuleType
 from typing import Any, ClassVar, Literal
 
 from ..errors import ConfigError, DependencyError, ExportError, InputError
-from .export import FORMAT
+from .export import MANIFEST, read_manifest
 from .plugin_lib import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 __all__ = [
@@ -70,7 +70,6 @@ PLUGIN_ENV = "ATS_SAMPLER_PLUGIN"
 CACHE_ENV = "ATS_DEPLOY_CACHE"
 CHILD_ENV = "ATS_DEPLOY_BUILD_CHILD"  # set in the isolated build process (rtx_plugin.build_in_child)
 RECORD_FORMAT = "ats-deploy-engine/1"
-MANIFEST_NAME = "manifest.json"
 TEGRA_RELEASE = "/etc/nv_tegra_release"
 MIN_TENSORRT = (10, 0)  # IPluginV3 and size tensors
 MIN_TENSORRT_JETSON = (10, 3)  # JetPack 6.1
@@ -400,21 +399,15 @@ def inspect_onnx(path: Path) -> OnnxFacts:
 
 
 def _read_manifest(onnx_path: Path, manifest: str | os.PathLike[str] | None) -> tuple[Path, dict]:
-    p = Path(manifest) if manifest is not None else onnx_path.parent / MANIFEST_NAME
+    p = Path(manifest) if manifest is not None else onnx_path.parent / MANIFEST
     if p.is_dir():
-        p = p / MANIFEST_NAME
+        p = p / MANIFEST
     if not p.is_file():
         raise InputError(
-            f"{onnx_path.name} has no {MANIFEST_NAME} beside it ({p}); build from the directory written by "
+            f"{onnx_path.name} has no {MANIFEST} beside it ({p}); build from the directory written by "
             "ats-deploy export (or pass manifest=)"
         )
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{p} is not readable JSON ({exc}); re-run ats-deploy export") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise InputError(f"{p} is not an ats-deploy manifest; re-run ats-deploy export")
-    return p, data
+    return p, read_manifest(p)
 
 
 def _manifest_facts(onnx_path: Path, man_path: Path, man: dict) -> dict:
