@@ -81,7 +81,6 @@ def select_tokens(scores: Tensor, count_in: Tensor, *, k_max: int, n_ref: int) -
     target = torch.where(keep, rank, torch.full((), k_out, device=dev, dtype=torch.int64))
     indices = torch.zeros(b, k_out + 1, dtype=torch.int64, device=dev)
     indices.scatter_(1, target, order + 1)
-    indices = indices[:, :k_out].clone()
-    indices[:, 0] = 0
+    indices = indices[:, :k_out].contiguous()  # column 0 (CLS) is never a scatter target: it stays 0
     count_out = 1 + keep.sum(dim=1)
     return indices, count_out
