@@ -32,6 +32,7 @@ __all__ = [
     "SceneParams",
     "ShapesDataset",
     "render",
+    "render_with_mask",
     "write_samples",
 ]
 
@@ -203,6 +204,22 @@ def render(
     seed: int, index: int, size: int = 224, *, scale: tuple[float, float] = (0.10, 0.25)
 ) -> tuple[np.ndarray, SceneParams]:
     """One image as uint8 [size, size, 3] and its scene parameters; fully determined by the arguments."""
+    img, params, _ = _render(seed, index, size, scale)
+    return img, params
+
+
+def render_with_mask(
+    seed: int, index: int, size: int = 224, *, scale: tuple[float, float] = (0.10, 0.25)
+) -> tuple[np.ndarray, SceneParams, np.ndarray]:
+    """:func:`render` plus the object's coverage (alpha) as float32 [size, size] in 0..1.
+
+    The image is the same as :func:`render`'s (the mask is a by-product, it draws nothing from the RNG).
+    Training uses it to label patch tokens (object class vs background).
+    """
+    return _render(seed, index, size, scale)
+
+
+def _render(seed: int, index: int, size: int, scale: tuple[float, float]):
     from PIL import Image
 
     label = label_of(seed, index)
@@ -238,7 +255,9 @@ def render(
     if sigma > 0.5:
         img += rng.standard_normal(img.shape, dtype=np.float32) * sigma
     out = np.clip(img + 0.5, 0, 255).astype(np.uint8)
-    return out, SceneParams(label, (x0 + h / 2) / size, (y0 + h / 2) / size, diameter, angle)
+    mask = np.zeros((size, size), np.float32)
+    mask[y0 : y0 + h, x0 : x0 + h] = alpha
+    return out, SceneParams(label, (x0 + h / 2) / size, (y0 + h / 2) / size, diameter, angle), mask
 
 
 class ShapesDataset:
@@ -280,6 +299,28 @@ class ShapesDataset:
         """Items start..start+n-1 stacked: ([n, 3, size, size] float32, [n] int64)."""
         xs, ys = zip(*(self[i] for i in range(start, start + n)))
         return np.stack(xs), np.asarray(ys, np.int64)
+
+    def batch_with_tokens(
+        self, start: int, n: int, patch: int, threshold: float = 0.15
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`batch` plus a label per patch token, int64 [n, (size // patch) ** 2] in row-major order.
+
+        A patch whose area is at least ``threshold`` covered by the object gets the image's class, any
+        other patch gets ``NUM_CLASSES`` (background). Training uses these for token labelling.
+        """
+        if self.size % patch:
+            raise ValueError(f"image size {self.size} is not a multiple of the patch size {patch}")
+        g = self.size // patch
+        xs, ys, ts = [], [], []
+        for i in range(start, start + n):
+            if not 0 <= i < self.length:
+                raise IndexError(i)
+            img, p, mask = render_with_mask(self.seed, self.offset + i, self.size, scale=self.scale)
+            xs.append(img.transpose(2, 0, 1).astype(np.float32) * self._mul + self._add)
+            ys.append(p.label)
+            cover = mask.reshape(g, patch, g, patch).mean(axis=(1, 3)).reshape(-1)
+            ts.append(np.where(cover >= threshold, p.label, NUM_CLASSES))
+        return np.stack(xs).astype(np.float32), np.asarray(ys, np.int64), np.stack(ts).astype(np.int64)
 
     def labels(self) -> np.ndarray:
         return np.asarray([label_of(self.seed, self.offset + i) for i in range(self.length)], np.int64)

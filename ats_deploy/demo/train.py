@@ -74,6 +74,13 @@ class TrainConfig:
     seed: int = TRAIN_SEED
     data_seed: int = TRAIN_SEED
     scale: tuple[float, float] = (0.10, 0.25)
+    # Token labelling (as LV-ViT): an auxiliary linear head classifies every patch token as the object's
+    # class (patch covered >= token_threshold by the object) or background, with loss weight
+    # token_label. It gives the attention a dense signal where the CLS loss alone leaves a ViT trained
+    # from scratch on a plateau at chance for tens of thousands of images. The head is dropped from the
+    # saved weights (they keep timm's keys); 0 turns it off.
+    token_label: float = 1.0
+    token_threshold: float = 0.15
     # Architecture overrides (the default is DeiT-Ti; tests shrink it).
     arch: dict = field(default_factory=dict)
     # Bookkeeping, not part of the result:
@@ -99,20 +106,37 @@ class TrainConfig:
 
 
 class _Batches:
-    """Batch g of a phase = dataset items g*batch .. g*batch+batch-1: the same in any worker layout."""
+    """Batch g of a phase = dataset items g*batch .. g*batch+batch-1: the same in any worker layout.
 
-    def __init__(self, ds: ShapesDataset, batch_size: int, first: int, end: int) -> None:
+    Items are (images, labels, patch-token labels); the last is None without token labelling.
+    """
+
+    def __init__(
+        self, ds: ShapesDataset, batch_size: int, first: int, end: int, patch: int | None, threshold: float
+    ) -> None:
         self.ds, self.bs, self.first, self.end = ds, batch_size, first, end
+        self.patch, self.threshold = patch, threshold
 
     def __len__(self) -> int:
         return self.end - self.first
 
     def __getitem__(self, i: int):
-        return self.ds.batch((self.first + i) * self.bs, self.bs)
+        start = (self.first + i) * self.bs
+        if self.patch is None:
+            return (*self.ds.batch(start, self.bs), None)
+        return self.ds.batch_with_tokens(start, self.bs, self.patch, self.threshold)
 
 
-def _batch_iter(ds: ShapesDataset, batch_size: int, first: int, end: int, workers: int):
-    src = _Batches(ds, batch_size, first, end)
+def _batch_iter(
+    ds: ShapesDataset,
+    batch_size: int,
+    first: int,
+    end: int,
+    workers: int,
+    patch: int | None = None,
+    threshold: float = 0.15,
+):
+    src = _Batches(ds, batch_size, first, end, patch, threshold)
     if workers <= 0:
         return (src[i] for i in range(len(src)))
     import torch
@@ -120,7 +144,12 @@ def _batch_iter(ds: ShapesDataset, batch_size: int, first: int, end: int, worker
     loader = torch.utils.data.DataLoader(
         src, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=4, persistent_workers=False
     )
-    return ((x.numpy(), y.numpy()) for x, y in loader)
+    return _tuple_batches(loader)
+
+
+def _tuple_batches(loader):
+    for x, y, t in loader:
+        yield x.numpy(), y.numpy(), None if t is None else t.numpy()
 
 
 @dataclass(frozen=True)
@@ -305,6 +334,14 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
     else:
         log(event="start", config=json.dumps(cfg.to_dict()), torch=torch.__version__, threads=torch.get_num_threads())
 
+    # The token-labelling head lives across phases (it sees one token at a time: resolution-free).
+    aux = torch.nn.Linear(model_config(cfg.phases[0].img_size, cfg.arch).embed_dim, NUM_CLASSES + 1)
+    torch.nn.init.trunc_normal_(aux.weight, std=0.02)
+    torch.nn.init.zeros_(aux.bias)
+    aux = aux.to(dev).train()
+    if state and "aux" in state:
+        aux.load_state_dict(state["aux"])
+    use_tokens = cfg.token_label > 0
     model = None
     history: list[dict] = []
     loss_val = float("nan")
@@ -318,7 +355,11 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
         else:
             new.load_state_dict(_resized_state(model, vcfg))
         model = new.to(dev).train()
-        opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=phase.lr, betas=(0.9, 0.999))
+        groups = _param_groups(model, cfg.weight_decay)
+        if use_tokens:
+            groups[0]["params"].append(aux.weight)
+            groups[1]["params"].append(aux.bias)
+        opt = torch.optim.AdamW(groups, lr=phase.lr, betas=(0.9, 0.999))
         if g_end <= g0:  # phase already done in a resumed run: only its weights matter
             if state and state["phase"] == pi:
                 model.load_state_dict(state["model"])
@@ -344,14 +385,19 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
         with prog:
             task = prog.add_task("train", total=phase.steps, completed=max(0, g0 - g_start), info="")
             first = max(g0, g_start)
-            batches = _batch_iter(ds, cfg.batch_size, first, g_end, cfg.workers)
-            for g, (x, y) in zip(range(first, g_end), batches):
+            patch = vcfg.patch_size if use_tokens else None
+            batches = _batch_iter(ds, cfg.batch_size, first, g_end, cfg.workers, patch, cfg.token_threshold)
+            for g, (x, y, t) in zip(range(first, g_end), batches):
                 step = g - g_start
                 lr = lr_at(step, phase, cfg.min_lr)
                 for grp in opt.param_groups:
                     grp["lr"] = lr
                 x, y = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
-                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+                feats = model.forward_features(x)[0]
+                loss = F.cross_entropy(model.forward_head(feats), y, label_smoothing=cfg.label_smoothing)
+                if use_tokens:
+                    tok = aux(feats[:, vcfg.num_prefix_tokens :]).flatten(0, 1)
+                    loss = loss + cfg.token_label * F.cross_entropy(tok, torch.from_numpy(t).to(dev).flatten())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip_grad:
@@ -394,6 +440,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
                             "phase": pi,
                             "model": model.state_dict(),
                             "optim": opt.state_dict(),
+                            "aux": aux.state_dict(),
                             "torch_rng": torch.get_rng_state(),
                             "recipe": cfg.recipe(),
                         },
@@ -455,6 +502,15 @@ def measure_throughput(
     }
 
 
+def _parse_phase(text: str) -> Phase:
+    """``IMG:STEPS:LR:WARMUP[:SMIN:SMAX]`` -> Phase (argparse turns the ValueError into a usage error)."""
+    parts = text.split(":")
+    if len(parts) not in (4, 6):
+        raise ValueError(f"expected IMG:STEPS:LR:WARMUP[:SMIN:SMAX], got {text!r}")
+    scale = (float(parts[4]), float(parts[5])) if len(parts) == 6 else None
+    return Phase(int(parts[0]), int(parts[1]), float(parts[2]), int(parts[3]), scale)
+
+
 def _main(argv: list[str] | None = None) -> int:
     """``python -m ats_deploy.demo.train --out /tmp/ats_train/run --steps-low 3000 --steps-high 300``."""
     import argparse
@@ -478,6 +534,14 @@ def _main(argv: list[str] | None = None) -> int:
         metavar=("MIN", "MAX"),
         help="object diameter range of the low-resolution phase (curriculum); default: the data's",
     )
+    p.add_argument(
+        "--phase",
+        action="append",
+        type=_parse_phase,
+        metavar="IMG:STEPS:LR:WARMUP[:SMIN:SMAX]",
+        help="a training phase (repeat for several, in order); replaces the --*-low/--*-high options",
+    )
+    p.add_argument("--token-label", type=float, default=d.token_label, help="token-labelling loss weight (0: off)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="auto")
@@ -496,8 +560,11 @@ def _main(argv: list[str] | None = None) -> int:
         )
         if ph.steps > 0
     )
+    if a.phase:
+        phases = tuple(a.phase)
     cfg = TrainConfig(
         phases=phases,
+        token_label=a.token_label,
         batch_size=a.batch_size,
         seed=a.seed,
         device=a.device,

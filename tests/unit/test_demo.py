@@ -207,9 +207,30 @@ def test_worker_processes_produce_the_same_batches():
     from ats_deploy.demo.train import _batch_iter
 
     ds = ShapesDataset(0, 2**62, 32)
-    a = list(_batch_iter(ds, 3, 5, 7, workers=0))
-    b = list(_batch_iter(ds, 3, 5, 7, workers=1))
-    assert len(a) == len(b) == 2
-    for (xa, ya), (xb, yb) in zip(a, b):
-        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
-    assert np.array_equal(a[0][0], ds.batch(15, 3)[0])
+    for patch in (None, 8):
+        a = list(_batch_iter(ds, 3, 5, 7, workers=0, patch=patch))
+        b = list(_batch_iter(ds, 3, 5, 7, workers=1, patch=patch))
+        assert len(a) == len(b) == 2
+        for (xa, ya, ta), (xb, yb, tb) in zip(a, b):
+            assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+            assert (ta is None and tb is None) if patch is None else np.array_equal(ta, tb)
+        assert np.array_equal(a[0][0], ds.batch(15, 3)[0])
+
+
+def test_patch_token_labels_mark_the_object_patches():
+    from ats_deploy.demo.shapes import NUM_CLASSES, render_with_mask
+
+    ds = ShapesDataset(0, 100, 64, scale=(0.3, 0.5))
+    x, y, t = ds.batch_with_tokens(0, 6, patch=8)
+    assert t.shape == (6, 64) and t.dtype == np.int64
+    assert np.array_equal(x, ds.batch(0, 6)[0]) and np.array_equal(y, ds.batch(0, 6)[1])
+    for i in range(6):
+        img, p, mask = render_with_mask(0, i, 64, scale=(0.3, 0.5))
+        assert np.array_equal(img, ds.raw(i)[0])  # the mask draws nothing from the RNG
+        labels = set(t[i].tolist())
+        assert labels <= {y[i], NUM_CLASSES} and y[i] in labels and NUM_CLASSES in labels
+        # The patch under the object's centre is an object patch.
+        r, c = min(int(p.cy * 8), 7), min(int(p.cx * 8), 7)
+        if mask[r * 8 : r * 8 + 8, c * 8 : c * 8 + 8].mean() >= 0.15:
+            assert t[i, r * 8 + c] == y[i]
+        assert mask.max() > 0.99 and mask.min() == 0.0
