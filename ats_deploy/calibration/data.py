@@ -1,5 +1,9 @@
 """Load user inputs: a folder of images (PNG/JPEG) or .npy arrays, preprocessed as the manifest says.
 
+The spec ``shapes:heldout:N`` (or ``shapes:train:N``) stands for N generated images of the demo dataset
+(``ats_deploy.demo.shapes``) from its held-out (training) seed, rendered at the graph's size with exact
+pixels: the inputs that go with the trained demo model, with nothing to download or write.
+
 Images follow timm/DeiT evaluation preprocessing: convert to RGB (grey, palette, RGBA and 16-bit images
 are converted, not refused), resize the shorter side to size / crop_pct (bicubic), centre-crop to
 size x size, scale to [0, 1], normalise with mean/std, NCHW float32. ``.npy`` files hold already
@@ -15,9 +19,20 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["Preprocess", "load_inputs", "load_images", "load_npy", "random_inputs", "IMAGE_SUFFIXES"]
+__all__ = [
+    "Preprocess",
+    "load_inputs",
+    "load_images",
+    "load_npy",
+    "load_shapes",
+    "random_inputs",
+    "default_inputs",
+    "IMAGE_SUFFIXES",
+    "SHAPES_PREFIX",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+SHAPES_PREFIX = "shapes:"
 
 
 @dataclass(frozen=True)
@@ -120,8 +135,28 @@ def load_npy(path: Path, pre: Preprocess) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+def load_shapes(spec: str, pre: Preprocess, *, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """``shapes:heldout:N`` / ``shapes:train:N`` / ``shapes:N`` (held-out) -> N demo images, preprocessed."""
+    from ..demo.shapes import HELDOUT_SEED, TRAIN_SEED, ShapesDataset
+
+    parts = spec[len(SHAPES_PREFIX) :].split(":")
+    split, count = ("heldout", parts[0]) if len(parts) == 1 else (parts[0], parts[-1])
+    seeds = {"heldout": HELDOUT_SEED, "train": TRAIN_SEED}
+    if len(parts) > 2 or split not in seeds or not count.isdigit() or int(count) < 1:
+        raise InputError(f"bad input spec {spec!r}; write shapes:heldout:N or shapes:train:N with N >= 1")
+    if pre.channels != 3:
+        raise InputError(f"{spec} gives RGB images but the graph takes {pre.channels} channels; pass your own data")
+    n = min(int(count), limit) if limit else int(count)
+    ds = ShapesDataset(seeds[split], n, pre.size, mean=pre.mean, std=pre.std)
+    x, _ = ds.batch(0, n)
+    return x, [f"shapes:{split}[{i}]" for i in range(n)]
+
+
 def load_inputs(path: str | Path, pre: Preprocess, *, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
-    """Inputs from an image folder, a folder of .npy files, a single .npy file or a single image."""
+    """Inputs from an image folder, a folder of .npy files, a single .npy file, a single image, or a
+    ``shapes:...`` spec (generated demo images)."""
+    if str(path).startswith(SHAPES_PREFIX) and not Path(path).exists():
+        return load_shapes(str(path), pre, limit=limit)
     p = Path(path)
     if not p.exists():
         raise InputError(f"input {p} does not exist; pass an image folder, a .npy file or a folder of .npy files")
@@ -140,6 +175,15 @@ def load_inputs(path: str | Path, pre: Preprocess, *, limit: int | None = None) 
         arr = np.concatenate(arrs)
         return (arr[:limit], names[:limit]) if limit else (arr, names)
     return load_images(p, pre, limit=limit)
+
+
+def default_inputs(source: dict | None, n: int, pre: Preprocess, *, seed: int = 0) -> tuple[np.ndarray, str]:
+    """Held-out inputs when the user gave none, and their label: ``n`` held-out demo images for the trained
+    demo model (what it was trained to see), standard-normal pixels for anything else."""
+    if (source or {}).get("kind") == "demo" and pre.channels == 3:
+        x, _ = load_shapes(f"{SHAPES_PREFIX}heldout:{n}", pre)
+        return x, f"{n} held-out shapes images (shapes:heldout:{n})"
+    return random_inputs(n, pre, seed=seed), f"{n} random inputs (seed {seed})"
 
 
 def random_inputs(n: int, pre: Preprocess, *, seed: int = 0) -> np.ndarray:

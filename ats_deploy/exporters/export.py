@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import __version__
 from .._json import json_default
-from ..calibration.data import Preprocess, load_inputs, random_inputs
+from ..calibration.data import Preprocess, default_inputs, load_inputs
 from ..errors import CheckpointError, ExportError, InputError
 from ..model.checkpoints import LoadedCheckpoint, load_checkpoint
 from ..model.config import ATSConfig, ViTConfig
@@ -144,11 +144,13 @@ class ExportResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _reference_inputs(pre: Preprocess, *, inputs: str | Path | None, count: int, batch: int | None) -> np.ndarray:
+def _reference_inputs(
+    pre: Preprocess, *, inputs: str | Path | None, count: int, batch: int | None, source: dict | None
+) -> np.ndarray:
     if inputs is not None:
         x, _ = load_inputs(inputs, pre)
     else:
-        x = random_inputs(count, pre, seed=0)
+        x = default_inputs(source, count, pre, seed=0)[0]
     if batch and len(x) % batch:
         keep = len(x) - len(x) % batch
         if keep == 0:
@@ -198,7 +200,7 @@ def export_model(
             from ..runtime.torch_runner import TorchRunner
 
             batch = None if opts.dynamic_batch else opts.batch
-            x = _reference_inputs(pre, inputs=inputs, count=max(parity_count, batch or 1), batch=batch)
+            x = _reference_inputs(pre, inputs=inputs, count=max(parity_count, batch or 1), batch=batch, source=source)
             with TorchRunner(ckpt, ats) as tr:
                 ref = run_batched(tr, x, batch)
             with OrtRunner(p_onnx) as orr:
@@ -283,7 +285,8 @@ def read_manifest(out_dir: str | Path) -> dict:
 def checkpoint_from_manifest(
     manifest: dict, *, model: str | Path | None = None, trust_pickle: bool = False
 ) -> LoadedCheckpoint:
-    """Reload the exported weights: the embedded default, or the checkpoint file (sha256-checked)."""
+    """Reload the exported weights: the shipped demo model or the seeded generator (both part of the
+    package), or the checkpoint file; demo weights and checkpoints are sha256-checked."""
     src = manifest["model"]["source"]
     arch = ViTConfig(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["model"]["architecture"].items()}
@@ -292,6 +295,15 @@ def checkpoint_from_manifest(
         from ..model.default import default_checkpoint
 
         return default_checkpoint(int(src["seed"]), arch, qk_gain=float(src.get("qk_gain", 1.5)))
+    if model is None and src.get("kind") == "demo":
+        from ..demo.weights import DEMO_WEIGHTS, load_demo_checkpoint
+
+        if src.get("sha256") and DEMO_WEIGHTS.is_file() and sha256_file(DEMO_WEIGHTS) != src["sha256"]:
+            raise CheckpointError(
+                f"this export was made from other demo weights than the installed {DEMO_WEIGHTS.name} (sha256 "
+                "mismatch); re-run ats-deploy export with this version"
+            )
+        return load_demo_checkpoint()
     path = Path(model) if model is not None else Path(src.get("path", ""))
     if model is None and not path.exists():
         raise InputError(f"the exported checkpoint {path} is gone; pass it again with --model PATH")

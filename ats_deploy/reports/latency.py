@@ -482,13 +482,14 @@ def report(
 ) -> LatencyReport:
     """Measure the export's ATS model against its dense twin on ``backend``; write report.{json,md} + PNGs.
 
-    ``out`` defaults to ``<out_dir>/report``. ``images`` (default: the largest batch) random inputs, or the
-    ``inputs`` folder/array, give the kept-token statistics, data-dependent GFLOPs and parity.
+    ``out`` defaults to ``<out_dir>/report``. ``images`` (default: the largest batch) default inputs
+    (held-out demo images for the demo model, random ones otherwise), or the ``inputs`` folder/array,
+    give the kept-token statistics, data-dependent GFLOPs and parity.
     ``max_slowdown`` gates the p50 ratio ATS/dense at every batch: when exceeded, the report is still
     written, then :class:`GateFailed` is raised (exit 3) unless ``raise_on_gate`` is False (then call
     :func:`check_gate` yourself).
     """
-    from ..calibration.data import Preprocess, load_inputs, random_inputs
+    from ..calibration.data import Preprocess, default_inputs, load_inputs
     from .parity import TOLERANCES, compare_outputs
 
     export_dir = Path(out_dir)
@@ -504,7 +505,10 @@ def report(
         raise InputError(f"{export_dir} holds a dense export (no ATS blocks); export with ATS to compare")
     cfg = ckpt.config
     pre = Preprocess.from_dict(man["preprocessing"])
-    pool = load_inputs(inputs, pre)[0] if inputs is not None else random_inputs(images or bs[-1], pre, seed=seed)
+    if inputs is not None:
+        pool, pool_label = load_inputs(inputs, pre)[0], str(inputs)
+    else:
+        pool, pool_label = default_inputs(man["model"].get("source"), images or bs[-1], pre, seed=seed)
     onnx_path = export_dir / "model.onnx"
     exported = (ats, onnx_path, man["graph"].get("batch")) if onnx_path.exists() else None
     factory, info = make_factory(
@@ -569,7 +573,7 @@ def report(
             "warmup": warmup,
             "interleaved": True,
             "images": int(len(pool)),
-            "inputs": str(inputs) if inputs is not None else f"random (seed {seed})",
+            "inputs": pool_label,
             "max_slowdown": max_slowdown,
             "gate_statistic": "p50 ATS / p50 dense",
         },

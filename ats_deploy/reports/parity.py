@@ -153,9 +153,9 @@ class ExportSetup:
 
 
 def load_export_setup(out_dir, *, inputs=None, count: int = 16, seed: int = 1, model=None, trust_pickle=False):
-    """Manifest, held-out inputs (``inputs`` or ``count`` random ones, padded to whole static batches), ATS
-    config and the exported weights of an export directory."""
-    from ..calibration.data import Preprocess, load_inputs, random_inputs
+    """Manifest, held-out inputs (``inputs``, or ``count`` of :func:`default_inputs`, padded to whole static
+    batches), ATS config and the exported weights of an export directory."""
+    from ..calibration.data import Preprocess, default_inputs, load_inputs
     from ..exporters.export import checkpoint_from_manifest, read_manifest
     from ..model.config import ATSConfig
 
@@ -165,8 +165,7 @@ def load_export_setup(out_dir, *, inputs=None, count: int = 16, seed: int = 1, m
         x, _ = load_inputs(inputs, pre)
         label = f"{len(x)} inputs from {inputs}"
     else:
-        x = random_inputs(count, pre, seed=seed)
-        label = f"{count} random inputs (seed {seed})"
+        x, label = default_inputs(man["model"].get("source"), count, pre, seed=seed)
     batch = man["graph"]["batch"]
     if batch and len(x) % batch:
         x = np.concatenate([x, x[: batch - len(x) % batch]])  # pad with repeats to whole batches
