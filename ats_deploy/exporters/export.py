@@ -201,7 +201,7 @@ def export_model(
 
             batch = None if opts.dynamic_batch else opts.batch
             x = _reference_inputs(pre, inputs=inputs, count=max(parity_count, batch or 1), batch=batch, source=source)
-            with TorchRunner(ckpt, ats) as tr:
+            with TorchRunner(ckpt, ats, boundary=True) as tr:
                 ref = run_batched(tr, x, batch)
             with OrtRunner(p_onnx) as orr:
                 got = run_batched(orr, x, batch)

@@ -29,6 +29,9 @@ class ATSOutput:
     logits: Tensor
     token_ids: tuple[Tensor, ...]  # each [B, K_out] int64 (original token ids; padding = 0)
     counts: tuple[Tensor, ...]  # each [B] int64 (valid slots, CLS and prefix tokens included)
+    # With forward_trace(x, sampler_inputs=True): per ATS block, what its sampler was given, (scores
+    # [B, n] float32 in slot order, valid count [B]), as select_tokens sees them. Empty otherwise.
+    sampler_inputs: tuple[tuple[Tensor, Tensor], ...] = ()
 
     def kept(self, image: int) -> list[list[int]]:
         """Kept original patch ids per ATS block for one image (prefix tokens left out)."""
@@ -95,8 +98,10 @@ class Block(nn.Module):
         self.n_ref = cfg.n_ref
         self.num_prefix = cfg.num_prefix_tokens
 
-    def forward(self, x: Tensor, count: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Returns (tokens, sampler indices or None, new count or None)."""
+    def forward(
+        self, x: Tensor, count: Tensor, bias: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, tuple[Tensor, Tensor] | None]:
+        """Returns (tokens, sampler indices or None, new count or None, sampler input or None)."""
         c = x.shape[-1]
         qkv = self.attn.qkv(self.norm1(x))
         q_all, k_all, v_all = qkv.split(c, dim=-1)
@@ -105,7 +110,7 @@ class Block(nn.Module):
         if self.k_max is None:
             out = self.attn.attend(self.attn.split_heads(q_all), k, v, bias)
             x = x + self.attn.proj(self.attn.merge_heads(out))
-            return x + self.mlp(self.norm2(x)), None, None
+            return x + self.mlp(self.norm2(x)), None, None, None
         # ATS: score tokens from the CLS query row, select, then attend only for the selected queries.
         q_cls = self.attn.split_heads(q_all[:, :1])
         cls_logits = (q_cls @ k.transpose(-2, -1)) * self.attn.scale
@@ -113,20 +118,26 @@ class Block(nn.Module):
             cls_logits = cls_logits + bias
         cls_attn = cls_logits.float().softmax(dim=-1)[:, :, 0, :]  # [B, H, n], float32
         scores = token_scores(cls_attn, v)
-        idx, count_out = self.sample(scores, count)
+        s_in, c_in = self.sampler_input(scores, count)
+        idx, count_out = self.sample(s_in, c_in)
         gather = idx[:, :, None].expand(-1, -1, c)
         q_sel = self.attn.split_heads(torch.gather(q_all, 1, gather))
         out = self.attn.attend(q_sel, k, v, bias)
         x = torch.gather(x, 1, gather) + self.attn.proj(self.attn.merge_heads(out))
-        return x + self.mlp(self.norm2(x)), idx, count_out
+        return x + self.mlp(self.norm2(x)), idx, count_out, (s_in, c_in)
 
-    def sample(self, scores: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
-        """Run the sampler on CLS + patches; a distillation token (slot 1) is always kept after CLS."""
+    def sampler_input(self, scores: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+        """What the sampler sees: CLS + patches; a distillation token (slot 1) is not sampled."""
+        if self.num_prefix == 1:
+            return scores, count
+        return torch.cat([scores[:, :1], scores[:, 2:]], dim=1), count - 1
+
+    def sample(self, s_in: Tensor, c_in: Tensor) -> tuple[Tensor, Tensor]:
+        """Run the sampler on its input; a distillation token (slot 1) is put back right after CLS."""
         assert self.k_max is not None
         if self.num_prefix == 1:
-            return select_tokens(scores, count, k_max=self.k_max, n_ref=self.n_ref)
-        s = torch.cat([scores[:, :1], scores[:, 2:]], dim=1)
-        idx, cnt = select_tokens(s, count - 1, k_max=self.k_max, n_ref=self.n_ref)
+            return select_tokens(s_in, c_in, k_max=self.k_max, n_ref=self.n_ref)
+        idx, cnt = select_tokens(s_in, c_in, k_max=self.k_max, n_ref=self.n_ref)
         idx = torch.where(idx > 0, idx + 1, idx)
         idx = torch.cat([idx[:, :1], torch.ones_like(idx[:, :1]), idx[:, 1:]], dim=1)
         return idx, cnt + 1
@@ -163,7 +174,11 @@ class VisionTransformer(nn.Module):
             prefix.append(self.dist_token.expand(b, -1, -1))
         return torch.cat(prefix + [x], dim=1) + self.pos_embed
 
-    def forward_features(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    def forward_features(
+        self, x: Tensor, sampler_inputs: list | None = None
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Final normed tokens, and per ATS block the original ids and counts; ``sampler_inputs``, when a
+        list, receives each ATS block's (scores, count) sampler input."""
         x = self.embed(x)
         b, n, _ = x.shape
         count = torch.full((b,), n, dtype=torch.int64, device=x.device)
@@ -172,9 +187,11 @@ class VisionTransformer(nn.Module):
         trace_ids: list[Tensor] = []
         trace_counts: list[Tensor] = []
         for blk in self.blocks:
-            x, idx, new_count = blk(x, count, bias)
+            x, idx, new_count, s_in = blk(x, count, bias)
             if idx is None:
                 continue
+            if sampler_inputs is not None:
+                sampler_inputs.append(s_in)
             assert new_count is not None
             if self.ats.shape_mode == "dynamic":
                 s = int(new_count.max())
@@ -192,9 +209,10 @@ class VisionTransformer(nn.Module):
             return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
         return self.head(x[:, 0])
 
-    def forward_trace(self, x: Tensor) -> ATSOutput:
-        feats, ids, counts = self.forward_features(x)
-        return ATSOutput(self.forward_head(feats), tuple(ids), tuple(counts))
+    def forward_trace(self, x: Tensor, *, sampler_inputs: bool = False) -> ATSOutput:
+        recorded: list | None = [] if sampler_inputs else None
+        feats, ids, counts = self.forward_features(x, recorded)
+        return ATSOutput(self.forward_head(feats), tuple(ids), tuple(counts), tuple(recorded or ()))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_trace(x).logits

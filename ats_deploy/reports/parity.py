@@ -2,6 +2,14 @@
 
 Tolerances live here (the library owns them, like Polygraphy's per-output tolerances with a default
 key), so the CLI, the tests and the on-device verify gate on the same numbers.
+
+Near-boundary picks: SPEC.md lets implementations decide differently where the float64 rule itself is
+within 1e-5 of a decision (a grid point on a CDF step, near-tied scores). When the reference carries
+``near_boundary_<block>`` flags (``TorchRunner(boundary=True)``), an image whose first kept-set
+difference is at a block flagged for that image is "excused": its differences are reported but left out
+of the gates (from that block on its tokens, and so its logits, legitimately differ). Every other
+difference counts, including one after an earlier flagged block that both sides decided alike. Gates
+also fail when fewer than half of the images are left to judge.
 """
 
 from __future__ import annotations
@@ -55,6 +63,13 @@ class ParityResult:
     blocks: list[BlockStats] = field(default_factory=list)
     tolerances: Tolerances = field(default_factory=Tolerances)
     failures: list[str] = field(default_factory=list)
+    # Images whose differences start at a near-boundary pick (see the module docstring); -1: not known
+    # (the reference had no near-boundary flags). Gated figures leave these images out.
+    excused_images: int = -1
+    excused_mismatches: int = 0
+    gated_logits_max_abs: float | None = None
+    gated_top1_agreement: float | None = None
+    gated_kept_agreement: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -85,13 +100,23 @@ def compare_outputs(
     diff = np.abs(a - b)
     max_abs = float(diff.max()) if diff.size else 0.0
     max_rel = float((diff / np.maximum(np.abs(a), 1e-6)).max()) if diff.size else 0.0
-    top1 = float(np.mean(a.argmax(1) == b.argmax(1))) if n else 1.0
+    agree = a.argmax(1) == b.argmax(1)
+    top1 = float(np.mean(agree)) if n else 1.0
+    flags_known = all(f"near_boundary_{blk}" in ref for blk in blocks)
+    first_diff_excused = np.zeros(n, bool)
+    differed = np.zeros(n, bool)
     stats: list[BlockStats] = []
     pairs = mismatches = 0
+    same_by_block = []
     for blk in blocks:
         ra = _kept_lists(ref[f"tokens_{blk}"], ref[f"count_{blk}"])
         rb = _kept_lists(got[f"tokens_{blk}"], got[f"count_{blk}"])
         same = [x == y for x, y in zip(ra, rb)]
+        same_by_block.append(np.asarray(same, bool))
+        if flags_known:
+            new = ~np.asarray(same, bool) & ~differed
+            first_diff_excused |= new & np.asarray(ref[f"near_boundary_{blk}"], bool)[:n]
+            differed |= new
         pairs += len(same)
         mismatches += len(same) - sum(same)
         k = np.asarray(ref[f"count_{blk}"], dtype=np.int64) - prefix_tokens
@@ -107,14 +132,46 @@ def compare_outputs(
             )
         )
     kept = 1.0 - mismatches / pairs if pairs else 1.0
+    judged = ~first_diff_excused
+    g_abs, g_top1, g_kept = max_abs, top1, kept
+    excused_mm = 0
+    if flags_known and first_diff_excused.any():
+        sb = np.stack(same_by_block) if same_by_block else np.ones((0, n), bool)
+        excused_mm = int((~sb[:, first_diff_excused]).sum())
+        g_abs = float(diff[judged].max()) if judged.any() and diff.size else 0.0
+        g_top1 = float(np.mean(agree[judged])) if judged.any() else 1.0
+        g_pairs = pairs - len(blocks) * int(first_diff_excused.sum())
+        g_kept = 1.0 - (mismatches - excused_mm) / g_pairs if g_pairs else 1.0
     failures = []
-    if not max_abs <= tol.logits_atol:
-        failures.append(f"logits max abs error {max_abs:.3g} > {tol.logits_atol:.3g}")
-    if top1 < tol.top1_min:
-        failures.append(f"top-1 agreement {top1:.2%} < {tol.top1_min:.2%}")
-    if kept < tol.kept_min:
-        failures.append(f"kept-set agreement {kept:.2%} < {tol.kept_min:.2%}")
-    return ParityResult(n, max_abs, max_rel, top1, kept, pairs, mismatches, stats, tol, failures)
+    what = " (near-boundary images left out)" if excused_mm else ""
+    if not g_abs <= tol.logits_atol:
+        failures.append(f"logits max abs error {g_abs:.3g} > {tol.logits_atol:.3g}{what}")
+    if g_top1 < tol.top1_min:
+        failures.append(f"top-1 agreement {g_top1:.2%} < {tol.top1_min:.2%}{what}")
+    if g_kept < tol.kept_min:
+        failures.append(f"kept-set agreement {g_kept:.2%} < {tol.kept_min:.2%}{what}")
+    if n and judged.sum() * 2 < n:
+        failures.append(
+            f"only {int(judged.sum())} of {n} images are free of near-boundary picks: too few to judge; "
+            "pass other inputs (--inputs) or more of them"
+        )
+    return ParityResult(
+        n,
+        max_abs,
+        max_rel,
+        top1,
+        kept,
+        pairs,
+        mismatches,
+        stats,
+        tol,
+        failures,
+        excused_images=int(first_diff_excused.sum()) if flags_known else -1,
+        excused_mismatches=excused_mm,
+        gated_logits_max_abs=g_abs,
+        gated_top1_agreement=g_top1,
+        gated_kept_agreement=g_kept,
+    )
 
 
 def format_parity(res: ParityResult, *, title: str = "parity") -> str:
@@ -127,6 +184,13 @@ def format_parity(res: ParityResult, *, title: str = "parity") -> str:
         f"  kept     agreement {res.kept_agreement:.2%} of {res.kept_pairs} (image, block) pairs, "
         f"{res.kept_mismatches} differ  (gate {res.tolerances.kept_min:.2%})",
     ]
+    if res.excused_images > 0:
+        lines.append(
+            f"  near-boundary: {res.excused_images} image(s) first differ at a pick SPEC.md leaves open "
+            f"({res.excused_mismatches} pairs)\n"
+            f"  gated on the other images: logits max abs {res.gated_logits_max_abs:.3g}, "
+            f"top-1 {res.gated_top1_agreement:.2%}, kept {res.gated_kept_agreement:.2%}"
+        )
     if res.blocks:
         lines.append("  block  K' mean   min   p10   p90   max  agree")
         for s in res.blocks:
@@ -201,7 +265,7 @@ def run_parity(
     if want and sha256_file(onnx_path) != want:
         raise InputError(f"{onnx_path} does not match its manifest (sha256); re-run ats-deploy export -o {out}")
     st = load_export_setup(out, inputs=inputs, count=count, seed=seed, model=model, trust_pickle=trust_pickle)
-    with TorchRunner(st.checkpoint, st.ats) as tr:
+    with TorchRunner(st.checkpoint, st.ats, boundary=True) as tr:
         ref = run_batched(tr, st.pixels, st.batch)
     with OrtRunner(onnx_path) as orr:
         got = run_batched(orr, st.pixels, st.batch)

@@ -208,7 +208,7 @@ class TorchStackRunner(Runner):
                 count = torch.full((t.shape[0],), tokens, dtype=torch.int64, device=t.device)
                 bias = None
                 for i in ids:
-                    t, idx, cnt = model.blocks[i](t, count, bias)
+                    t, idx, cnt, _ = model.blocks[i](t, count, bias)
                     if idx is not None:
                         count = cnt
                         slots = torch.arange(t.shape[1], device=t.device)
