@@ -290,10 +290,13 @@ class ShapesDataset:
             raise IndexError(i)
         return render(self.seed, self.offset + i, self.size, scale=self.scale)
 
+    def normalise(self, img: np.ndarray) -> np.ndarray:
+        """uint8 [size, size, 3] -> normalised float32 [3, size, size]."""
+        return (img.transpose(2, 0, 1).astype(np.float32) * self._mul + self._add).astype(np.float32)
+
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         img, p = self.raw(i)
-        x = img.transpose(2, 0, 1).astype(np.float32) * self._mul + self._add
-        return x.astype(np.float32), p.label
+        return self.normalise(img), p.label
 
     def batch(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Items start..start+n-1 stacked: ([n, 3, size, size] float32, [n] int64)."""
@@ -316,11 +319,11 @@ class ShapesDataset:
             if not 0 <= i < self.length:
                 raise IndexError(i)
             img, p, mask = render_with_mask(self.seed, self.offset + i, self.size, scale=self.scale)
-            xs.append(img.transpose(2, 0, 1).astype(np.float32) * self._mul + self._add)
+            xs.append(self.normalise(img))
             ys.append(p.label)
             cover = mask.reshape(g, patch, g, patch).mean(axis=(1, 3)).reshape(-1)
             ts.append(np.where(cover >= threshold, p.label, NUM_CLASSES))
-        return np.stack(xs).astype(np.float32), np.asarray(ys, np.int64), np.stack(ts).astype(np.int64)
+        return np.stack(xs), np.asarray(ys, np.int64), np.stack(ts).astype(np.int64)
 
     def labels(self) -> np.ndarray:
         return np.asarray([label_of(self.seed, self.offset + i) for i in range(self.length)], np.int64)
