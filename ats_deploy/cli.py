@@ -79,20 +79,35 @@ def _print_json(data) -> None:
     typer.echo(json.dumps(data, indent=2, default=json_default))
 
 
+def _embedded_default():
+    """The embedded default and its source record: the trained demo DeiT-Ti (``demo/weights``) when the
+    package ships its weights, otherwise the seeded untrained DeiT-Ti (``model/default.py``)."""
+    from .demo.weights import DEMO_WEIGHTS, demo_weights_available, load_demo_checkpoint
+    from .exporters.export import sha256_file
+    from .model.default import DEFAULT_SEED, QK_GAIN, default_checkpoint
+
+    if demo_weights_available():
+        return load_demo_checkpoint(), {
+            "kind": "demo",
+            "name": "deit_tiny_shapes (DeiT-Ti/16 trained on the generated shapes, 10 classes)",
+            "file": DEMO_WEIGHTS.name,
+            "sha256": sha256_file(DEMO_WEIGHTS),
+        }
+    return default_checkpoint(), {
+        "kind": "embedded",
+        "name": "deit_tiny_patch16_224 (untrained)",
+        "seed": DEFAULT_SEED,
+        "qk_gain": QK_GAIN,
+    }
+
+
 def _load(model: Path | None, *, trust_pickle: bool, heads: int | None):
     """A user checkpoint, or the embedded default model when none is given; plus its source record."""
     from .exporters.export import sha256_file
     from .model.checkpoints import load_checkpoint
-    from .model.default import DEFAULT_SEED, QK_GAIN, default_checkpoint
 
     if model is None:
-        ck = default_checkpoint()
-        return ck, {
-            "kind": "embedded",
-            "name": "deit_tiny_patch16_224 (untrained)",
-            "seed": DEFAULT_SEED,
-            "qk_gain": QK_GAIN,
-        }
+        return _embedded_default()
     ck = load_checkpoint(model, trust_pickle=trust_pickle, heads=heads)
     return ck, {"kind": "checkpoint", "path": str(Path(model).resolve()), "sha256": sha256_file(model)}
 
@@ -129,12 +144,14 @@ def export(
         int, typer.Option("--parity-inputs", min=0, help="Random inputs for the PyTorch vs ONNX Runtime check.")
     ] = 8,
     inputs: Annotated[
-        Path | None, typer.Option("--inputs", help="Images folder or .npy to use for the parity check.")
+        Path | None, typer.Option("--inputs", help="Images folder, .npy or shapes:heldout:N for the parity check.")
     ] = None,
     precision: Annotated[
         str, typer.Option("--precision", help="fp32, fp16 (adds model.fp16.onnx) or int8 (also needs --calib-data).")
     ] = "fp32",
-    calib_data: Annotated[Path | None, typer.Option("--calib-data", help="Calibration images/.npy for int8.")] = None,
+    calib_data: Annotated[
+        Path | None, typer.Option("--calib-data", help="Calibration images/.npy (or shapes:train:N) for int8.")
+    ] = None,
     calib_method: Annotated[str, typer.Option("--calib-method", help="entropy, max or percentile.")] = "entropy",
     as_json: JsonOpt = False,
 ) -> None:
@@ -187,7 +204,7 @@ def export(
 def parity(
     out_dir: Annotated[Path, typer.Argument(help="Directory written by ats-deploy export.")],
     inputs: Annotated[
-        Path | None, typer.Option("--inputs", help="Images folder (PNG/JPEG) or .npy file/folder.")
+        Path | None, typer.Option("--inputs", help="Images folder (PNG/JPEG), .npy file/folder or shapes:heldout:N.")
     ] = None,
     count: Annotated[int, typer.Option("--count", min=1, help="Random inputs when --inputs is not given.")] = 16,
     model: Annotated[Path | None, typer.Option("--model", help="The exported checkpoint, if it moved.")] = None,
@@ -231,7 +248,9 @@ def parity(
 @handle_errors
 def calibrate(
     out_dir: Annotated[Path, typer.Argument(help="Directory written by ats-deploy export.")],
-    data: Annotated[Path, typer.Option("--data", help="Calibration images folder or .npy (100+ samples).")],
+    data: Annotated[
+        Path, typer.Option("--data", help="Calibration images folder, .npy or shapes:train:N (100+ samples).")
+    ],
     method: Annotated[str, typer.Option("--method", help="entropy, max or percentile.")] = "entropy",
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Use at most this many samples.")] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Calibration batch size.")] = 16,
@@ -255,7 +274,11 @@ def calibrate(
 def tokens(
     model: Annotated[Path | None, typer.Argument(help="Checkpoint; omit for the embedded default.")] = None,
     input: Annotated[
-        Path | None, typer.Option("--input", help=".npy [N,3,H,W] / image / folder (default: one random input).")
+        Path | None,
+        typer.Option(
+            "--input",
+            help=".npy [N,3,H,W] / image / folder / shapes:heldout:N (default: one held-out demo image or random).",
+        ),
     ] = None,
     max_k: MaxKOpt = None,
     ats_blocks: BlocksOpt = None,
@@ -264,14 +287,18 @@ def tokens(
     as_json: JsonOpt = False,
 ) -> None:
     """Kept original token ids per ATS block, and logits, from the PyTorch model."""
-    from .calibration.data import load_inputs, random_inputs
+    from .calibration.data import default_inputs, load_inputs
     from .exporters.export import preprocess_for
     from .runtime.torch_runner import TorchRunner
 
-    ck, _ = _load(model, trust_pickle=trust_pickle, heads=heads)
+    ck, source = _load(model, trust_pickle=trust_pickle, heads=heads)
     ats = _ats(ck.config, ats_blocks, max_k, "static")
     pre = preprocess_for(ck.config)
-    x, names = load_inputs(input, pre) if input is not None else (random_inputs(1, pre), ["random[0]"])
+    if input is not None:
+        x, names = load_inputs(input, pre)
+    else:
+        x, label = default_inputs(source, 1, pre)
+        names = [label]
     with TorchRunner(ck, ats) as r:
         out = r.infer({"pixels": x})
     images = []
@@ -329,7 +356,9 @@ def report(
     reps: Annotated[int, typer.Option("--reps", min=1, help="Timed runs per model and batch.")] = 30,
     warmup: Annotated[int, typer.Option("--warmup", min=0)] = 5,
     images: Annotated[int | None, typer.Option("--images", min=1, help="Random inputs for token statistics.")] = None,
-    inputs: Annotated[Path | None, typer.Option("--inputs", help="Images folder or .npy for token stats.")] = None,
+    inputs: Annotated[
+        Path | None, typer.Option("--inputs", help="Images folder, .npy or shapes:heldout:N for token stats.")
+    ] = None,
     model: Annotated[Path | None, typer.Option("--model", help="The exported checkpoint, if it moved.")] = None,
     trust_pickle: TrustOpt = False,
     max_slowdown: Annotated[

@@ -7,6 +7,7 @@ file is committed, :func:`load_demo_checkpoint` raises a CheckpointError saying 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,9 @@ def sha256_of(path: str | Path) -> str:
     return sha256_file(path)
 
 
-def demo_weights_available(path: str | Path = DEMO_WEIGHTS) -> bool:
-    return Path(path).is_file()
+def demo_weights_available(path: str | Path | None = None) -> bool:
+    """Whether the package ships trained demo weights (``path`` defaults to :data:`DEMO_WEIGHTS`)."""
+    return Path(path or DEMO_WEIGHTS).is_file()
 
 
 def _read(p: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -47,9 +49,9 @@ def _read(p: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         raise CheckpointError(f"demo weights {p} are not a valid .safetensors file ({exc}); re-export them") from None
 
 
-def load_demo_checkpoint(path: str | Path = DEMO_WEIGHTS) -> LoadedCheckpoint:
-    """The trained DeiT-Ti shapes model (10 classes, 224/16), weights cast to float32."""
-    p = Path(path)
+def load_demo_checkpoint(path: str | Path | None = None) -> LoadedCheckpoint:
+    """The trained DeiT-Ti shapes model (10 classes, 224/16; default :data:`DEMO_WEIGHTS`), as float32."""
+    p = Path(path or DEMO_WEIGHTS)
     if not p.is_file():
         raise CheckpointError(
             f"trained demo weights {p} are not there; train them with `ats-deploy demo train` "
@@ -62,7 +64,7 @@ def load_demo_checkpoint(path: str | Path = DEMO_WEIGHTS) -> LoadedCheckpoint:
     return LoadedCheckpoint(cfg, validate_state_dict(sd, cfg, source=f"demo weights {p}"), f"demo weights {p.name}")
 
 
-def export_demo_weights(src: str | Path, dst: str | Path = DEMO_WEIGHTS, *, metadata: dict | None = None) -> str:
+def export_demo_weights(src: str | Path, dst: str | Path | None = None, *, metadata: dict | None = None) -> str:
     """Convert a training checkpoint (fp32 safetensors) to the shipped fp16 file; returns its sha256.
 
     Refuses weights whose values do not fit float16 (an fp16 cast would turn them into inf).
@@ -74,7 +76,10 @@ def export_demo_weights(src: str | Path, dst: str | Path = DEMO_WEIGHTS, *, meta
     if big:
         raise CheckpointError(f"{src}: {', '.join(big[:3])} exceed the float16 range; ship float32 instead")
     half = {k: np.ascontiguousarray(v.astype(np.float16)) for k, v in sd.items()}
-    dst = Path(dst)
+    dst = Path(dst or DEMO_WEIGHTS)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    save_file(half, str(dst), metadata={**src_meta, **{k: str(v) for k, v in (metadata or {}).items()}})
+    tmp = dst.with_suffix(dst.suffix + ".tmp")
+    save_file(half, str(tmp), metadata={**src_meta, **{k: str(v) for k, v in (metadata or {}).items()}})
+    os.chmod(tmp, 0o644)  # a package file: readable by every user of the installation
+    os.replace(tmp, dst)
     return sha256_of(dst)
