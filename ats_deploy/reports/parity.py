@@ -18,7 +18,17 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-__all__ = ["Tolerances", "BlockStats", "ParityResult", "compare_outputs", "format_parity", "TOLERANCES"]
+__all__ = [
+    "Tolerances",
+    "BlockStats",
+    "ParityResult",
+    "compare_outputs",
+    "format_parity",
+    "TOLERANCES",
+    "NEAR_BOUNDARY",
+]
+
+NEAR_BOUNDARY = "near_boundary_"  # + block: the reference's per-image near-boundary flags, bool [B]
 
 
 @dataclass(frozen=True)
@@ -102,7 +112,7 @@ def compare_outputs(
     max_rel = float((diff / np.maximum(np.abs(a), 1e-6)).max()) if diff.size else 0.0
     agree = a.argmax(1) == b.argmax(1)
     top1 = float(np.mean(agree)) if n else 1.0
-    flags_known = all(f"near_boundary_{blk}" in ref for blk in blocks)
+    flags_known = all(f"{NEAR_BOUNDARY}{blk}" in ref for blk in blocks)
     first_diff_excused = np.zeros(n, bool)
     differed = np.zeros(n, bool)
     stats: list[BlockStats] = []
@@ -114,8 +124,8 @@ def compare_outputs(
         same = [x == y for x, y in zip(ra, rb)]
         same_by_block.append(np.asarray(same, bool))
         if flags_known:
-            new = ~np.asarray(same, bool) & ~differed
-            first_diff_excused |= new & np.asarray(ref[f"near_boundary_{blk}"], bool)[:n]
+            new = ~same_by_block[-1] & ~differed
+            first_diff_excused |= new & np.asarray(ref[f"{NEAR_BOUNDARY}{blk}"], bool)[:n]
             differed |= new
         pairs += len(same)
         mismatches += len(same) - sum(same)
@@ -136,8 +146,7 @@ def compare_outputs(
     g_abs, g_top1, g_kept = max_abs, top1, kept
     excused_mm = 0
     if flags_known and first_diff_excused.any():
-        sb = np.stack(same_by_block) if same_by_block else np.ones((0, n), bool)
-        excused_mm = int((~sb[:, first_diff_excused]).sum())
+        excused_mm = int((~np.stack(same_by_block)[:, first_diff_excused]).sum())
         g_abs = float(diff[judged].max()) if judged.any() and diff.size else 0.0
         g_top1 = float(np.mean(agree[judged])) if judged.any() else 1.0
         g_pairs = pairs - len(blocks) * int(first_diff_excused.sum())

@@ -6,12 +6,10 @@ import numpy as np
 
 from ..model.checkpoints import LoadedCheckpoint
 from ..model.config import ATSConfig
+from ..reports.parity import NEAR_BOUNDARY
 from .base import Runner, check_pixels
 
 __all__ = ["TorchRunner"]
-
-
-NEAR_BOUNDARY = "near_boundary_"  # + block: bool [B], only with TorchRunner(boundary=True)
 
 
 class TorchRunner(Runner):
