@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The embedded default (the trained demo DeiT-Ti when its weights ship): export + parity on 64 held-out
+# generated images (accuracy vs their labels, K' per ATS block), then token maps of 4 of them.
 demo: install
-	$(BIN)/ats-deploy export -o out/
+	$(BIN)/ats-deploy export -o out/ --parity-inputs 64
+	$(BIN)/ats-deploy tokens --input shapes:heldout:4 --png out/tokenmaps
 
 # pytest exits 5 when it collected nothing: that is not a failure of the code under test.
 test: install

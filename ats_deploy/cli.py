@@ -284,9 +284,13 @@ def tokens(
     ats_blocks: BlocksOpt = None,
     heads: HeadsOpt = None,
     trust_pickle: TrustOpt = False,
+    png: Annotated[
+        Path | None,
+        typer.Option("--png", help="Also draw the kept patches per ATS block over each input, as DIR/<input>.png."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Kept original token ids per ATS block, and logits, from the PyTorch model."""
+    """Kept original token ids per ATS block, and logits, from the PyTorch model (and token-map PNGs)."""
     from .calibration.data import default_inputs, load_inputs
     from .exporters.export import preprocess_for
     from .runtime.torch_runner import TorchRunner
@@ -307,11 +311,17 @@ def tokens(
         images.append(
             {"input": name, "top1": int(out["logits"][i].argmax()), "kept": blocks, "logits": out["logits"][i].tolist()}
         )
+    if png is not None:
+        from .reports.tokenmap import write_token_maps
+
+        written = write_token_maps(png, x, images, pre=pre, cfg=ck.config, blocks=ats.blocks, demo=source)
+        for img, path in zip(images, written):
+            img["png"] = str(path)
     if as_json:
         _print_json({"ats_blocks": list(ats.blocks), "k_schedule": list(ats.k_schedule), "images": images})
         return
     for img in images:
-        typer.echo(f"{img['input']}: top-1 class {img['top1']}")
+        typer.echo(f"{img['input']}: top-1 class {img['top1']}" + (f"  -> {img['png']}" if "png" in img else ""))
         for b, ids in img["kept"].items():
             typer.echo(
                 f"  block {b:>2}: K'={len(ids) - ck.config.num_prefix_tokens:>3}  "
@@ -576,6 +586,24 @@ def demo_eval(ctx: typer.Context) -> None:
     from .demo.evaluate import _main
 
     raise typer.Exit(_main(list(ctx.args)))
+
+
+@demo_app.command("ship")
+@handle_errors
+def demo_ship(
+    run_dir: Annotated[Path, typer.Argument(help="The --out directory of a finished `demo train` run.")],
+    images: Annotated[int, typer.Option("--images", min=1, help="Held-out images to evaluate.")] = 2000,
+    command: Annotated[
+        str | None, typer.Option("--command", help="Training command for the card (default: the one the log recorded).")
+    ] = None,
+) -> None:
+    """Ship a run as the demo weights: fp16 safetensors, eval on held-out images, MODEL_CARD.md from the run."""
+    from .demo.card import ship_run
+    from .demo.evaluate import render_report
+
+    weights, card, report = ship_run(run_dir, command=command, images=images, progress=sys.stderr.isatty())
+    typer.echo(render_report(report))
+    typer.echo(f"shipped {weights} and {card}")
 
 
 @plugin_app.command("build")

@@ -27,6 +27,7 @@ __all__ = [
     "load_shapes",
     "random_inputs",
     "default_inputs",
+    "input_labels",
     "IMAGE_SUFFIXES",
     "SHAPES_PREFIX",
 ]
@@ -184,6 +185,23 @@ def default_inputs(source: dict | None, n: int, pre: Preprocess, *, seed: int = 
         x, _ = load_shapes(f"{SHAPES_PREFIX}heldout:{n}", pre)
         return x, f"{n} held-out shapes images (shapes:heldout:{n})"
     return random_inputs(n, pre, seed=seed), f"{n} random inputs (seed {seed})"
+
+
+def input_labels(inputs: str | Path | None, source: dict | None, n: int) -> np.ndarray | None:
+    """True class labels of the first ``n`` inputs where they are known, else None: generated demo images
+    (a ``shapes:...`` spec, or the held-out default of the demo model) know their labels."""
+    from ..demo.shapes import HELDOUT_SEED, TRAIN_SEED, ShapesDataset
+
+    if inputs is None:
+        if (source or {}).get("kind") != "demo":
+            return None
+        seed = HELDOUT_SEED
+    elif str(inputs).startswith(SHAPES_PREFIX) and not Path(inputs).exists():
+        parts = str(inputs)[len(SHAPES_PREFIX) :].split(":")
+        seed = TRAIN_SEED if len(parts) > 1 and parts[0] == "train" else HELDOUT_SEED
+    else:
+        return None
+    return ShapesDataset(seed, n).labels()
 
 
 def random_inputs(n: int, pre: Preprocess, *, seed: int = 0) -> np.ndarray:

@@ -19,9 +19,21 @@ import numpy as np
 from ..model.checkpoints import LoadedCheckpoint
 from ..model.config import ATSConfig, resolve_ats
 from ..reports.flops import gflops_per_image, static_gflops
-from .shapes import CLASSES, HELDOUT_SEED, ShapesDataset
+from .shapes import CLASSES, DEFAULT_SCALE, HELDOUT_SEED, ShapesDataset
 
-__all__ = ["SettingResult", "EvalReport", "evaluate", "ats_settings", "render_report"]
+__all__ = [
+    "SettingResult",
+    "EvalReport",
+    "evaluate",
+    "ats_settings",
+    "render_report",
+    "token_work",
+    "object_recall",
+    "OBJECT_COVER",
+]
+
+# A patch counts as part of the object when the rendered object covers at least half of it.
+OBJECT_COVER = 0.5
 
 
 @dataclass
@@ -34,6 +46,12 @@ class SettingResult:
     gflops_static: float  # the static-shape graph's work per image
     mean_kept: dict[int, float] = field(default_factory=dict)  # ATS block -> mean K' (patches kept, CLS not counted)
     per_class_top1: list[float] = field(default_factory=list)
+    # Tokens the 12 blocks carry (each block's output rows, the rows its proj and MLP process), summed and
+    # divided by the dense model's depth x token count: 1.0 dense. Data-dependent, from the kept counts.
+    token_work: float = 1.0
+    # ATS block -> mean over images of the fraction of the object's patches (covered >= OBJECT_COVER by
+    # the rendered object) still kept after that block; 1.0 for the dense model.
+    object_recall: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,7 +98,7 @@ def evaluate(
     max_ks=(None, 99),
     blocks=None,
     device: str = "cpu",
-    scale: tuple[float, float] = (0.10, 0.25),
+    scale: tuple[float, float] = DEFAULT_SCALE,
     progress: bool = True,
 ) -> EvalReport:
     """Evaluate every setting on the same ``images`` held-out images (each batch generated once)."""
@@ -99,18 +117,23 @@ def evaluate(
     labels = np.empty(images, np.int64)
     preds = {name: np.empty(images, np.int64) for name, _, _ in models}
     counts: dict[str, dict[int, list[np.ndarray]]] = {name: {b: [] for b in ats.blocks} for name, ats, _ in models}
+    recall: dict[str, dict[int, list[np.ndarray]]] = {name: {b: [] for b in ats.blocks} for name, ats, _ in models}
+    prefix = cfg.num_prefix_tokens
     with Progress(disable=not progress or not sys.stderr.isatty(), transient=True) as prog, torch.inference_mode():
         task = prog.add_task(f"evaluating {len(models)} settings", total=images)
         for s in range(0, images, batch_size):
             n = min(batch_size, images - s)
-            x, y = ds.batch(s, n)
+            x, y, tok = ds.batch_with_tokens(s, n, cfg.patch_size, threshold=OBJECT_COVER)
+            obj = tok != len(CLASSES)  # [n, patches]: the object's patches
             labels[s : s + n] = y
             xt = torch.from_numpy(x).to(device)
             for name, ats, model in models:
                 out = model.forward_trace(xt)
                 preds[name][s : s + n] = out.logits.argmax(-1).cpu().numpy()
-                for b, c in zip(ats.blocks, out.counts):
-                    counts[name][b].append(c.cpu().numpy())
+                for b, c, ids in zip(ats.blocks, out.counts, out.token_ids):
+                    c = c.cpu().numpy()
+                    counts[name][b].append(c)
+                    recall[name][b].append(object_recall(ids.cpu().numpy(), c, obj, prefix))
             prog.advance(task, n)
     ref = preds["dense"]
     results = []
@@ -121,7 +144,6 @@ def evaluate(
             for c in range(len(CLASSES))
         ]
         cnt = {b: np.concatenate(v) for b, v in counts[name].items()}
-        prefix = cfg.num_prefix_tokens
         static = static_gflops(cfg, ats)
         adaptive = float(gflops_per_image(cfg, ats, cnt).mean()) if ats.enabled else static
         results.append(
@@ -134,22 +156,62 @@ def evaluate(
                 gflops_static=static,
                 mean_kept={int(b): float(v.mean() - prefix) for b, v in cnt.items()},
                 per_class_top1=per_class,
+                token_work=token_work(cfg, ats, cnt),
+                object_recall={int(b): float(np.nanmean(np.concatenate(v))) for b, v in recall[name].items()},
             )
         )
     return EvalReport(ckpt.source, images, seed, cfg.img_size, results)
+
+
+def object_recall(token_ids: np.ndarray, counts: np.ndarray, obj: np.ndarray, prefix: int = 1) -> np.ndarray:
+    """Per image, the fraction of its object patches (``obj`` bool [B, patches]) among the kept token ids
+    (``token_ids`` [B, slots] original ids, the first ``counts`` valid); NaN for an image with none."""
+    b, patches = obj.shape
+    kept = np.zeros((b, patches), bool)
+    for i in range(b):
+        ids = token_ids[i, : int(counts[i])] - prefix
+        kept[i, ids[ids >= 0]] = True
+    total = obj.sum(1)
+    hit = (obj & kept).sum(1)
+    return np.where(total > 0, hit / np.maximum(total, 1), np.nan)
+
+
+def token_work(cfg, ats: ATSConfig, counts: dict[int, np.ndarray]) -> float:
+    """Mean over images of the tokens the blocks carry (each block's output rows), relative to dense.
+
+    A block before the first ATS block carries all ``n_ref`` tokens; an ATS block carries its kept count
+    (1 + K', prefix included) and so does every later non-ATS block until the next ATS block.
+    """
+    n = float(cfg.num_tokens)
+    if not ats.enabled:
+        return 1.0
+    current = np.full(len(next(iter(counts.values()))), n)
+    total = np.zeros_like(current)
+    for blk in range(cfg.depth):
+        if blk in counts:
+            current = counts[blk].astype(np.float64)
+        total += current
+    return float((total / (cfg.depth * n)).mean())
 
 
 def render_report(report: EvalReport) -> str:
     """A plain-text table (what ``ats-deploy demo eval`` prints)."""
     lines = [
         f"{report.source}: {report.images} held-out shapes images (seed {report.seed}, {report.img_size}px)",
-        f"{'setting':32s} {'top-1 %':>8s} {'= dense %':>9s} {'GFLOPs':>7s} {'static':>7s}  mean K' per ATS block",
+        f"{'setting':32s} {'top-1 %':>8s} {'= dense %':>9s} {'GFLOPs':>7s} {'static':>7s} {'work':>5s} "
+        f"{'recall':>6s}  mean K' per ATS block",
     ]
     for s in report.settings:
         kept = " ".join(f"{v:.0f}" for v in s.mean_kept.values()) or "-"
+        rec = f"{list(s.object_recall.values())[-1]:6.3f}" if s.object_recall else f"{'-':>6s}"
         lines.append(
-            f"{s.name:32s} {s.top1:8.2f} {s.agreement:9.2f} {s.gflops_adaptive:7.3f} {s.gflops_static:7.3f}  {kept}"
+            f"{s.name:32s} {s.top1:8.2f} {s.agreement:9.2f} {s.gflops_adaptive:7.3f} {s.gflops_static:7.3f} "
+            f"{s.token_work:5.3f} {rec}  {kept}"
         )
+    lines.append(
+        "work: tokens carried by the blocks relative to dense (from K'); recall: fraction of the object's "
+        f"patches (>= {OBJECT_COVER:.0%} covered) kept at the last ATS block"
+    )
     return "\n".join(lines)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..model.config import ViTConfig
 from ..model.presets import deit_tiny_patch16_224
-from .shapes import HELDOUT_SEED, NUM_CLASSES, TRAIN_SEED, ShapesDataset
+from .shapes import DEFAULT_SCALE, HELDOUT_SEED, NUM_CLASSES, TRAIN_SEED, ShapesDataset
 
 __all__ = [
     "Phase",
@@ -73,7 +73,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     seed: int = TRAIN_SEED
     data_seed: int = TRAIN_SEED
-    scale: tuple[float, float] = (0.10, 0.25)
+    scale: tuple[float, float] = DEFAULT_SCALE
     # Token labelling (as LV-ViT): an auxiliary linear head classifies every patch token as the object's
     # class (patch covered >= token_threshold by the object) or background, with loss weight
     # token_label. It gives the attention a dense signal where the CLS loss alone leaves a ViT trained
@@ -81,6 +81,11 @@ class TrainConfig:
     # saved weights (they keep timm's keys); 0 turns it off.
     token_label: float = 1.0
     token_threshold: float = 0.15
+    # bf16 autocast (CPUs with AVX512-BF16/AMX and GPUs: about 3x faster than fp32 on this task's CPU);
+    # "none" trains in fp32. Weights and optimiser state stay fp32 either way.
+    amp: str = "bf16"
+    # Exponential moving average of the weights (0: off); the EMA weights are what gets saved and monitored.
+    ema: float = 0.0
     # Architecture overrides (the default is DeiT-Ti; tests shrink it).
     arch: dict = field(default_factory=dict)
     # Bookkeeping, not part of the result:
@@ -91,6 +96,12 @@ class TrainConfig:
     eval_every: int = 250
     eval_images: int = 200
     workers: int = 0  # data-generating processes (0: in the training process; use several on a GPU box)
+
+    def __post_init__(self) -> None:
+        if self.amp not in ("none", "bf16"):
+            raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -203,6 +214,30 @@ def _resized_state(model, new_cfg: ViTConfig) -> dict:
     return sd
 
 
+class _Ema:
+    """fp32 moving average of a model's floating-point state (timm's ModelEmaV2, without its warm-up)."""
+
+    def __init__(self, model, decay: float, state: dict | None = None) -> None:
+        self.decay = decay
+        src = state if state is not None else model.state_dict()
+        self.state = {k: v.detach().clone().float() for k, v in src.items()}
+
+    def update(self, model) -> None:
+        import torch
+
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                self.state[k].mul_(self.decay).add_(v.detach().float(), alpha=1.0 - self.decay)
+
+    def model(self, like):
+        """A copy of ``like`` carrying the averaged weights."""
+        import copy
+
+        m = copy.deepcopy(like)
+        m.load_state_dict(self.state)
+        return m
+
+
 def lr_at(step: int, phase: Phase, min_lr: float) -> float:
     """Linear warm-up to ``phase.lr``, then cosine to ``min_lr`` at the end of the phase."""
     if step < phase.warmup:
@@ -237,7 +272,7 @@ def save_weights(model, path: str | Path, *, dtype: str = "float32", metadata: d
     return path
 
 
-def evaluate_dense(model, images: int, img_size: int, *, scale=(0.10, 0.25), batch: int = 50, device="cpu") -> float:
+def evaluate_dense(model, images: int, img_size: int, *, scale=DEFAULT_SCALE, batch: int = 50, device="cpu") -> float:
     """Top-1 (%) of ``model`` on ``images`` monitoring images at ``img_size``.
 
     They come from the held-out seed but from index ``MONITOR_OFFSET`` on, so the images of the final
@@ -332,7 +367,13 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
     if state:
         log(event="resume", global_step=g0)
     else:
-        log(event="start", config=json.dumps(cfg.to_dict()), torch=torch.__version__, threads=torch.get_num_threads())
+        log(
+            event="start",
+            config=json.dumps(cfg.to_dict()),
+            torch=torch.__version__,
+            threads=torch.get_num_threads(),
+            argv=" ".join(sys.argv),
+        )
 
     # The token-labelling head lives across phases (it sees one token at a time: resolution-free).
     aux = torch.nn.Linear(model_config(cfg.phases[0].img_size, cfg.arch).embed_dim, NUM_CLASSES + 1)
@@ -343,6 +384,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
         aux.load_state_dict(state["aux"])
     use_tokens = cfg.token_label > 0
     model = None
+    ema: _Ema | None = None
     history: list[dict] = []
     loss_val = float("nan")
     g_start = 0
@@ -354,7 +396,13 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
             init_weights(new)
         else:
             new.load_state_dict(_resized_state(model, vcfg))
+            if ema is not None:
+                ema.state["pos_embed"] = resize_pos_embed(
+                    ema.state["pos_embed"], model.cfg.grid, vcfg.grid, vcfg.num_prefix_tokens
+                )
         model = new.to(dev).train()
+        if cfg.ema and ema is None:
+            ema = _Ema(model, cfg.ema)
         groups = _param_groups(model, cfg.weight_decay)
         if use_tokens:
             groups[0]["params"].append(aux.weight)
@@ -363,12 +411,16 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
         if g_end <= g0:  # phase already done in a resumed run: only its weights matter
             if state and state["phase"] == pi:
                 model.load_state_dict(state["model"])
+                if ema is not None and state.get("ema") is not None:
+                    ema = _Ema(model, cfg.ema, state["ema"])
             g_start = g_end
             continue
         if state and state["phase"] == pi:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optim"])
             torch.set_rng_state(state["torch_rng"])
+            if ema is not None and state.get("ema") is not None:
+                ema = _Ema(model, cfg.ema, state["ema"])
         ds = ShapesDataset(cfg.data_seed, 2**62, phase.img_size, scale=phase.scale or cfg.scale)
         log(event="phase", phase=pi, img_size=phase.img_size, steps=phase.steps, tokens=vcfg.num_tokens)
         last_ckpt = time.monotonic()
@@ -393,16 +445,21 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
                 for grp in opt.param_groups:
                     grp["lr"] = lr
                 x, y = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
-                feats = model.forward_features(x)[0]
-                loss = F.cross_entropy(model.forward_head(feats), y, label_smoothing=cfg.label_smoothing)
-                if use_tokens:
-                    tok = aux(feats[:, vcfg.num_prefix_tokens :]).flatten(0, 1)
-                    loss = loss + cfg.token_label * F.cross_entropy(tok, torch.from_numpy(t).to(dev).flatten())
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+                    feats = model.forward_features(x)[0]
+                    logits = model.forward_head(feats)
+                    tok = aux(feats[:, vcfg.num_prefix_tokens :]).flatten(0, 1) if use_tokens else None
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                if tok is not None:
+                    tok_y = torch.from_numpy(t).to(dev).flatten()
+                    loss = loss + cfg.token_label * F.cross_entropy(tok.float(), tok_y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip_grad:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                 opt.step()
+                if ema is not None:
+                    ema.update(model)
                 loss_val = float(loss.detach())
                 if not math.isfinite(loss_val):
                     log(event="diverged", global_step=g + 1, loss=loss_val)
@@ -425,7 +482,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
                     }
                     if cfg.eval_every and (done % cfg.eval_every == 0 or last_of_phase):
                         rec["heldout_top1"] = evaluate_dense(
-                            model, cfg.eval_images, phase.img_size, scale=cfg.scale, device=cfg.device
+                            _weights(model, ema), cfg.eval_images, phase.img_size, scale=cfg.scale, device=cfg.device
                         )
                     history.append(rec)
                     log(**rec)
@@ -433,7 +490,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
                     t_win, n_win, loss_win = time.perf_counter(), 0, []
                 prog.advance(task)
                 if time.monotonic() - last_ckpt >= cfg.ckpt_every_s or last_of_phase:
-                    save_weights(model, out / "last.safetensors", metadata={**meta, "global_step": done})
+                    save_weights(_weights(model, ema), out / "last.safetensors", metadata={**meta, "global_step": done})
                     torch.save(
                         {
                             "global_step": done,
@@ -441,6 +498,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
                             "model": model.state_dict(),
                             "optim": opt.state_dict(),
                             "aux": aux.state_dict(),
+                            "ema": None if ema is None else ema.state,
                             "torch_rng": torch.get_rng_state(),
                             "recipe": cfg.recipe(),
                         },
@@ -448,13 +506,18 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
                     )
                     os.replace(out / "state.pt.tmp", state_path)
                     last_ckpt = time.monotonic()
-        save_weights(model, out / f"phase{pi}_end.safetensors", metadata={**meta, "global_step": g_end})
+        save_weights(_weights(model, ema), out / f"phase{pi}_end.safetensors", metadata={**meta, "global_step": g_end})
         g_start = g_end
     assert model is not None
-    final = save_weights(model, out / "final.safetensors", metadata={**meta, "global_step": g_start})
+    final = save_weights(_weights(model, ema), out / "final.safetensors", metadata={**meta, "global_step": g_start})
     log(event="done", global_step=g_start, weights=str(final))
     log.close()
     return TrainResult(final, g_start, loss_val, history)
+
+
+def _weights(model, ema: _Ema | None):
+    """The weights a run reports and saves: the EMA's when it keeps one."""
+    return model if ema is None else ema.model(model)
 
 
 def measure_throughput(
@@ -543,6 +606,9 @@ def _main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--token-label", type=float, default=d.token_label, help="token-labelling loss weight (0: off)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--amp", choices=("bf16", "none"), default=d.amp, help="bf16 autocast or fp32 training")
+    p.add_argument("--ema", type=float, default=d.ema, help="EMA decay of the saved weights (0: off)")
+    p.add_argument("--scale", type=float, nargs=2, default=d.scale, metavar=("MIN", "MAX"), help="object diameter")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
@@ -566,6 +632,9 @@ def _main(argv: list[str] | None = None) -> int:
         phases=phases,
         token_label=a.token_label,
         batch_size=a.batch_size,
+        amp=a.amp,
+        ema=a.ema,
+        scale=tuple(a.scale),
         seed=a.seed,
         device=a.device,
         threads=a.threads,

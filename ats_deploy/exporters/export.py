@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import __version__
 from .._json import json_default
-from ..calibration.data import Preprocess, default_inputs, load_inputs
+from ..calibration.data import Preprocess, default_inputs, input_labels, load_inputs
 from ..errors import CheckpointError, ExportError, InputError
 from ..model.checkpoints import LoadedCheckpoint, load_checkpoint
 from ..model.config import ATSConfig, ViTConfig
@@ -205,7 +205,8 @@ def export_model(
                 ref = run_batched(tr, x, batch)
             with OrtRunner(p_onnx) as orr:
                 got = run_batched(orr, x, batch)
-            parity = compare_outputs(ref, got, blocks=ats.blocks, prefix_tokens=cfg.num_prefix_tokens)
+            labels = input_labels(inputs, source, len(x))
+            parity = compare_outputs(ref, got, blocks=ats.blocks, prefix_tokens=cfg.num_prefix_tokens, labels=labels)
             p_ref = w.path("reference.npz")
             with open(p_ref, "wb") as fh:
                 np.savez_compressed(fh, pixels=x, **ref)

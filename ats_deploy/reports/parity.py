@@ -80,6 +80,11 @@ class ParityResult:
     gated_logits_max_abs: float | None = None
     gated_top1_agreement: float | None = None
     gated_kept_agreement: float | None = None
+    # Top-1 against the inputs' true labels where they are known (generated demo images): reference and
+    # backend, over ``labelled`` images. Reported, not gated (parity is about agreement).
+    labelled: int = 0
+    ref_accuracy: float | None = None
+    accuracy: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -102,8 +107,10 @@ def compare_outputs(
     blocks: list[int] | tuple[int, ...],
     prefix_tokens: int = 1,
     tolerances: Tolerances | None = None,
+    labels: np.ndarray | None = None,
 ) -> ParityResult:
-    """Compare ``got`` against ``ref`` (both dicts of graph-named outputs over the same images)."""
+    """Compare ``got`` against ``ref`` (both dicts of graph-named outputs over the same images); with
+    ``labels`` (true classes of the first ``len(labels)`` images) also report both sides' accuracy."""
     tol = tolerances or TOLERANCES["default"]
     a, b = ref["logits"].astype(np.float64), got["logits"].astype(np.float64)
     n = len(a)
@@ -164,6 +171,15 @@ def compare_outputs(
             f"only {int(judged.sum())} of {n} images are free of near-boundary picks: too few to judge; "
             "pass other inputs (--inputs) or more of them"
         )
+    acc: dict = {}
+    if labels is not None and len(labels):
+        m = min(len(labels), n)
+        lab = np.asarray(labels[:m])
+        acc = {
+            "labelled": m,
+            "ref_accuracy": float(np.mean(a[:m].argmax(1) == lab)),
+            "accuracy": float(np.mean(b[:m].argmax(1) == lab)),
+        }
     return ParityResult(
         n,
         max_abs,
@@ -180,6 +196,7 @@ def compare_outputs(
         gated_logits_max_abs=g_abs,
         gated_top1_agreement=g_top1,
         gated_kept_agreement=g_kept,
+        **acc,
     )
 
 
@@ -193,6 +210,11 @@ def format_parity(res: ParityResult, *, title: str = "parity") -> str:
         f"  kept     agreement {res.kept_agreement:.2%} of {res.kept_pairs} (image, block) pairs, "
         f"{res.kept_mismatches} differ  (gate {res.tolerances.kept_min:.2%})",
     ]
+    if res.labelled:
+        lines.append(
+            f"  accuracy vs true labels ({res.labelled} labelled images): reference {res.ref_accuracy:.2%}, "
+            f"this backend {res.accuracy:.2%}"
+        )
     if res.excused_images > 0:
         lines.append(
             f"  near-boundary: {res.excused_images} image(s) first differ at a pick SPEC.md leaves open "
@@ -223,12 +245,13 @@ class ExportSetup:
     ats: object  # ATSConfig (kept untyped here so this module imports without the model package)
     checkpoint: object  # LoadedCheckpoint
     prefix_tokens: int
+    labels: np.ndarray | None = None  # true classes of the first inputs, where known (generated images)
 
 
 def load_export_setup(out_dir, *, inputs=None, count: int = 16, seed: int = 1, model=None, trust_pickle=False):
     """Manifest, held-out inputs (``inputs``, or ``count`` of :func:`default_inputs`, padded to whole static
     batches), ATS config and the exported weights of an export directory."""
-    from ..calibration.data import Preprocess, default_inputs, load_inputs
+    from ..calibration.data import Preprocess, default_inputs, input_labels, load_inputs
     from ..exporters.export import checkpoint_from_manifest, read_manifest
     from ..model.config import ATSConfig
 
@@ -239,13 +262,14 @@ def load_export_setup(out_dir, *, inputs=None, count: int = 16, seed: int = 1, m
         label = f"{len(x)} inputs from {inputs}"
     else:
         x, label = default_inputs(man["model"].get("source"), count, pre, seed=seed)
+    labels = input_labels(inputs, man["model"].get("source"), len(x))
     batch = man["graph"]["batch"]
     if batch and len(x) % batch:
         x = np.concatenate([x, x[: batch - len(x) % batch]])  # pad with repeats to whole batches
     a = man["ats"]
     ats = ATSConfig(blocks=tuple(a["blocks"]), k_schedule=tuple(a["k_schedule"]), shape_mode=a["shape_mode"])
     ck = checkpoint_from_manifest(man, model=model, trust_pickle=trust_pickle)
-    return ExportSetup(man, x, label, batch, ats, ck, int(a.get("prefix_tokens", 1)))
+    return ExportSetup(man, x, label, batch, ats, ck, int(a.get("prefix_tokens", 1)), labels)
 
 
 def run_parity(
@@ -278,5 +302,5 @@ def run_parity(
         ref = run_batched(tr, st.pixels, st.batch)
     with OrtRunner(onnx_path) as orr:
         got = run_batched(orr, st.pixels, st.batch)
-    res = compare_outputs(ref, got, blocks=st.ats.blocks, prefix_tokens=st.prefix_tokens)
+    res = compare_outputs(ref, got, blocks=st.ats.blocks, prefix_tokens=st.prefix_tokens, labels=st.labels)
     return res, {"inputs": st.label, "backend": "onnxruntime", "reference": "torch", "onnx": str(onnx_path)}

@@ -64,11 +64,17 @@ def test_items_are_normalised_chw_float32_with_their_label():
 
 
 def test_objects_are_small_and_inside_the_image():
-    for i in range(40):
-        _, p = render(1, i, 224)
-        assert 0.10 <= p.diameter <= 0.25
+    from ats_deploy.demo.shapes import render_with_mask
+
+    areas = []
+    for i in range(120):
+        _, p, mask = render_with_mask(1, i, 224)
+        assert 0.35 <= p.diameter <= 0.55
         assert 0 < p.cx - p.diameter / 2 and p.cx + p.diameter / 2 < 1
         assert 0 < p.cy - p.diameter / 2 and p.cy + p.diameter / 2 < 1
+        areas.append(mask.mean())
+    # Most tokens are background: the object covers at most 10% of the image on average (about 8.7%).
+    assert 0.07 < np.mean(areas) <= 0.10 and max(areas) < 0.25
 
 
 def test_write_samples_writes_pngs_that_the_input_loader_reads(tmp_path):
@@ -234,3 +240,36 @@ def test_patch_token_labels_mark_the_object_patches():
         if mask[r * 8 : r * 8 + 8, c * 8 : c * 8 + 8].mean() >= 0.15:
             assert t[i, r * 8 + c] == y[i]
         assert mask.max() > 0.99 and mask.min() == 0.0
+
+
+def test_ship_writes_fp16_weights_and_a_card_filled_from_the_run(tmp_path):
+    import json
+
+    from ats_deploy.demo.card import read_run_log, ship_run
+    from ats_deploy.errors import InputError
+
+    res = _tiny_train(tmp_path, eval_every=2, eval_images=10)
+    run = res.final_weights.parent
+    log = read_run_log(run)
+    recs = [json.loads(line) for line in (run / "train.log").read_text().splitlines()]
+    held = [r for r in recs if "heldout_top1" in r]
+    assert [c["global_step"] for c in log.curve] == [r["global_step"] for r in held] and len(held) >= 2
+    assert [c["images"] for c in log.curve] == [r["global_step"] * 4 for r in held]
+    assert log.steps == 5 and log.wall_s == pytest.approx(recs[-1]["time"] - recs[0]["time"])
+    dst = tmp_path / "ship" / "w.safetensors"
+    weights, card, report = ship_run(run, command="train it", dst=dst, images=10, progress=False)
+    text = card.read_text()
+    from ats_deploy.demo.weights import sha256_of
+
+    assert weights == dst and f"`{sha256_of(dst)}`" in text and "Command: `train it`" in text
+    for c in held:  # every held-out check of the log is a row of the curve table
+        assert f"| {c['global_step']} | {c['phase']} | {c['img_size']} | {c['global_step'] * 4:,} |" in text
+    dense = report.settings[0]
+    assert f"| dense | {dense.top1:.2f} | 100.00 |" in text
+    assert json.loads((dst.parent / "eval.json").read_text())["images"] == 10
+    # A run without its final weights or log is refused with a one-line reason.
+    (run / "final.safetensors").unlink()
+    with pytest.raises(InputError, match="final.safetensors is missing"):
+        ship_run(run, command="x", dst=dst, images=10, progress=False)
+    with pytest.raises(InputError, match="train.log is missing"):
+        read_run_log(tmp_path)
