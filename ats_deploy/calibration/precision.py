@@ -288,11 +288,12 @@ def compare_precision(
     prefix_tokens: int = 1,
     tolerances: Tolerances | None = None,
     cosine_min: float | None = None,
+    labels: np.ndarray | None = None,
 ) -> PrecisionParity:
     """Compare a precision variant's outputs with the fp32 reference's (same images, same output names)."""
     blocks = tuple(blocks)
     tol = tolerances or PRECISION_TOLERANCES.get(precision, Tolerances())
-    base = compare_outputs(ref, got, blocks=blocks, prefix_tokens=prefix_tokens, tolerances=tol)
+    base = compare_outputs(ref, got, blocks=blocks, prefix_tokens=prefix_tokens, tolerances=tol, labels=labels)
     a, b = ref["logits"].astype(np.float64), got["logits"].astype(np.float64)
     cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
     per_image = np.zeros(len(a), dtype=np.int64)
@@ -336,6 +337,14 @@ def format_precision_parity(res: PrecisionParity, *, title: str | None = None) -
     lines = [
         f"{title or res.precision + ' vs fp32 PyTorch'}: {b.images} images, {'PASS' if res.passed else 'FAIL'}",
         f"  top-1    agreement {b.top1_agreement:.2%}  (gate {b.tolerances.top1_min:.2%})",
+        *(
+            [
+                f"  accuracy vs true labels ({b.labelled} images): fp32 {b.ref_accuracy:.2%}, "
+                f"{res.precision} {b.accuracy:.2%}"
+            ]
+            if b.labelled
+            else []
+        ),
         f"  logits   cosine mean {res.logits_cosine_mean:.5f}  min {res.logits_cosine_min:.5f}"
         f"  max abs {b.logits_max_abs:.3g}",
         f"  kept     exact (set+order) {b.kept_agreement:.2%}  set {res.kept_set_agreement:.2%}"
@@ -393,7 +402,9 @@ def run_precision_parity(
         ref = run_batched(tr, x, batch)
     with OrtRunner(src) as orr:
         got = run_batched(orr, x, batch)
-    res = compare_precision(ref, got, precision=precision, blocks=ats.blocks, prefix_tokens=st.prefix_tokens)
+    res = compare_precision(
+        ref, got, precision=precision, blocks=ats.blocks, prefix_tokens=st.prefix_tokens, labels=st.labels
+    )
     return res, {"inputs": label, "backend": "onnxruntime", "reference": "torch", "onnx": str(path)}
 
 

@@ -67,12 +67,21 @@ def read_run_log(run_dir: str | Path) -> RunLog:
             )
     import statistics
 
+    # Wall time: the training itself, summed over the run's segments (a resumed or extended run has idle
+    # time between its segments that is not training).
+    wall, seg_start = 0.0, recs[0]["time"]
+    for prev, r in zip(recs, recs[1:]):
+        if r.get("event") == "resume":
+            wall += prev["time"] - seg_start
+            seg_start = r["time"]
+    wall += done[-1]["time"] - seg_start
+    resumes = [r for r in recs if r.get("event") == "resume" and r.get("argv")]
     return RunLog(
-        config=config,
-        argv=str(recs[0].get("argv", "")),
+        config=json.loads(resumes[-1]["config"]) if resumes and "config" in resumes[-1] else config,
+        argv=str((resumes[-1] if resumes else recs[0]).get("argv", "")),
         torch=str(recs[0].get("torch", "?")),
         threads=int(recs[0].get("threads", 0)),
-        wall_s=float(done[-1]["time"] - recs[0]["time"]),
+        wall_s=float(wall),
         steps=int(done[-1]["global_step"]),
         curve=curve,
         img_per_s={k: statistics.median(v) for k, v in sorted(speed.items())},

@@ -312,6 +312,22 @@ class _Log:
         self.file.close()
 
 
+def _resumable(saved: dict | None, global_step: int, cfg: TrainConfig) -> bool:
+    """Whether a run saved with recipe ``saved`` at ``global_step`` can continue as ``cfg``: the same recipe,
+    or the same recipe with more phases appended after the ones already finished. Training is
+    deterministic and every phase starts from the previous phase's weights, so either way the result is
+    the one a fresh run of ``cfg`` gives."""
+    if saved is None:
+        return False
+    new = cfg.recipe()
+    if saved == new:
+        return True
+    old_phases, new_phases = saved.get("phases", []), new["phases"]
+    same_rest = {k: v for k, v in saved.items() if k != "phases"} == {k: v for k, v in new.items() if k != "phases"}
+    finished = sum(p["steps"] for p in old_phases) == global_step
+    return same_rest and finished and new_phases[: len(old_phases)] == old_phases
+
+
 def _set_determinism(cfg: TrainConfig) -> None:
     import torch
 
@@ -361,11 +377,11 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
     # Global step g runs over all phases; resume restores weights, optimiser and g.
     state_path = out / "state.pt"
     state = torch.load(state_path, map_location="cpu", weights_only=False) if resume and state_path.exists() else None
-    if state is not None and state.get("recipe") != cfg.recipe():
+    if state is not None and not _resumable(state.get("recipe"), state.get("global_step", 0), cfg):
         state = None  # a different recipe: start over rather than mixing runs
     g0 = state["global_step"] if state else 0
     if state:
-        log(event="resume", global_step=g0)
+        log(event="resume", global_step=g0, config=json.dumps(cfg.to_dict()), argv=" ".join(sys.argv))
     else:
         log(
             event="start",

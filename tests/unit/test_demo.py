@@ -273,3 +273,26 @@ def test_ship_writes_fp16_weights_and_a_card_filled_from_the_run(tmp_path):
         ship_run(run, command="x", dst=dst, images=10, progress=False)
     with pytest.raises(InputError, match="train.log is missing"):
         read_run_log(tmp_path)
+
+
+def test_a_finished_run_extended_by_a_phase_equals_a_fresh_run_of_all_phases(tmp_path):
+    from dataclasses import replace
+
+    from ats_deploy.demo.card import read_run_log
+    from ats_deploy.demo.train import Phase, TrainConfig, train
+    from ats_deploy.model import load_checkpoint
+
+    one = (Phase(img_size=32, steps=3, lr=1e-3, warmup=1),)
+    two = one + (Phase(img_size=48, steps=2, lr=1e-4, warmup=1),)
+    base = TrainConfig(phases=one, batch_size=4, arch=TINY_ARCH, eval_every=0, threads=1)
+    train(replace(base, out_dir=str(tmp_path / "ext")), progress=False)
+    ext = train(replace(base, phases=two, out_dir=str(tmp_path / "ext")), resume=True, progress=False)
+    fresh = train(replace(base, phases=two, out_dir=str(tmp_path / "fresh")), progress=False)
+    a = load_checkpoint(ext.final_weights, heads=2).state_dict
+    b = load_checkpoint(fresh.final_weights, heads=2).state_dict
+    assert all(np.array_equal(a[k], b[k]) for k in b)
+    assert read_run_log(tmp_path / "ext").config["phases"][1]["img_size"] == 48
+    # A different recipe (here: another learning rate in the finished phase) starts over instead.
+    other = (Phase(img_size=32, steps=3, lr=5e-4, warmup=1),) + two[1:]
+    restarted = train(replace(base, phases=other, out_dir=str(tmp_path / "ext")), resume=True, progress=False)
+    assert restarted.steps == 5 and len(restarted.history) > 0
