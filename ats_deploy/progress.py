@@ -1,8 +1,9 @@
 """Progress on stderr for anything that takes more than a few seconds.
 
 On a terminal: a rich progress bar (transient). Anywhere else (a log file, CI, a pipe): plain lines,
-one when a phase starts, then at most one every :data:`PLAIN_EVERY_S` seconds, and one at the end, so a
-12-minute run never looks hung and a log never fills with carriage returns.
+once a run has taken :data:`QUIET_S` seconds: one when a phase starts, then at most one every
+:data:`PLAIN_EVERY_S` seconds, and one at the end, so a 12-minute run never looks hung, a quick one prints
+nothing, and a log never fills with carriage returns.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["Advance", "PLAIN_EVERY_S", "progress_bar"]
+__all__ = ["Advance", "PLAIN_EVERY_S", "QUIET_S", "progress_bar"]
 
 PLAIN_EVERY_S = 10.0
+QUIET_S = 3.0  # plain lines only for runs longer than this (a bar on a terminal shows at once)
 Advance = Callable[..., None]  # advance(n=1, description=None)
 
 
@@ -23,10 +25,13 @@ def _noop(n: int = 1, description: str | None = None) -> None:
 
 
 @contextmanager
-def progress_bar(enabled: bool, total: int, description: str, *, stream=None) -> Iterator[Advance]:
+def progress_bar(
+    enabled: bool, total: int, description: str, *, stream=None, quiet_s: float = QUIET_S
+) -> Iterator[Advance]:
     """Yields ``advance(n=1, description=None)``; a no-op when ``enabled`` is False.
 
     ``stream`` defaults to ``sys.stderr`` (looked up at call time, so test runners that swap it see it).
+    Plain lines start only once the run has taken ``quiet_s`` seconds: a quick run prints nothing.
     """
     if not enabled:
         yield _noop
@@ -46,26 +51,29 @@ def progress_bar(enabled: bool, total: int, description: str, *, stream=None) ->
             yield advance
         return
 
-    state = {"done": 0, "desc": description, "t0": time.monotonic(), "last": time.monotonic()}
+    state = {"done": 0, "desc": description, "t0": time.monotonic(), "last": 0.0, "shown": False}
 
     def line() -> None:
         pct = f" ({100 * state['done'] / total:.0f}%)" if total else ""
         err.write(f"{state['desc']}: {state['done']}/{total}{pct}, {time.monotonic() - state['t0']:.0f} s\n")
         err.flush()
-        state["last"] = time.monotonic()
+        state["last"], state["shown"] = time.monotonic(), True
 
     def advance_plain(n: int = 1, description: str | None = None) -> None:
         state["done"] += n
+        now = time.monotonic()
         if description and description != state["desc"]:
             state["desc"] = description
-            line()
-        elif time.monotonic() - state["last"] >= PLAIN_EVERY_S:
+            if state["shown"] or now - state["t0"] >= quiet_s:
+                line()
+        elif now - state["t0"] >= quiet_s and now - state["last"] >= PLAIN_EVERY_S:
             line()
 
-    line()
+    if quiet_s <= 0:
+        line()
     try:
         yield advance_plain
     finally:
-        if state["done"]:
+        if state["shown"]:  # a run that printed progress says where it ended
             state["desc"] = f"{state['desc']}: done" if state["done"] >= total else state["desc"]
             line()

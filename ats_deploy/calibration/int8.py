@@ -42,6 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import DependencyError, InputError
 from ..inputs import Preprocess, load_inputs
+from ..progress import progress_bar
 from .precision import (
     LinearSite,
     check_graph,
@@ -251,32 +252,6 @@ class _Collector:
         return out
 
 
-def _progress(enabled: bool, total: int):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]calibrating[/] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("images"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=False,
-    )
-
-
 def collect_ranges(
     model: onnx.ModelProto,
     batches: list[np.ndarray],
@@ -317,8 +292,8 @@ def collect_ranges(
     total = sum(len(b) for b in batches)
     names = [o.name for o in sess.get_outputs()]
     col = _Collector(settings)
-    with _progress(progress, total) as bar:
-        task = bar.add_task(label or f"{len(sites)} MatMul inputs ({settings.method})", total=total)
+    desc = f"calibrating {label or f'{len(sites)} MatMul inputs ({settings.method})'}: images"
+    with progress_bar(progress, total, desc) as advance:
         for chunk, real in _rechunk(batches, size):
             outs = dict(zip(names, sess.run(names, {inp.name: chunk})))
             vals = {}
@@ -330,8 +305,8 @@ def collect_ranges(
                     a = np.concatenate([a[i, : int(cnt[i])] for i in range(real)])
                 vals[s.layer] = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
             col.add(vals)
-            bar.advance(task, real)
-        bar.update(task, description=f"{label or 'ranges'}: computing {settings.method} thresholds")
+            advance(real)
+        advance(0, description=f"calibrating {label or 'ranges'}: computing {settings.method} thresholds")
         res = col.result()
     return res
 

@@ -205,13 +205,17 @@ def test_progress_off_a_terminal_is_plain_lines():
     from ats_deploy.progress import progress_bar
 
     buf = io.StringIO()  # not a TTY
-    with progress_bar(True, 4, "parity", stream=buf) as advance:
+    with progress_bar(True, 4, "parity", stream=buf, quiet_s=0) as advance:
         advance(2)
         advance(0, description="ONNX Runtime")
         advance(2)
     lines = buf.getvalue().splitlines()
     assert lines[0].startswith("parity: 0/4") and any(ln.startswith("ONNX Runtime: 2/4") for ln in lines)
     assert "4/4" in lines[-1] and "\r" not in buf.getvalue() and "\x1b" not in buf.getvalue()
+    quick = io.StringIO()
+    with progress_bar(True, 4, "parity", stream=quick, quiet_s=60) as advance:
+        advance(4)
+    assert quick.getvalue() == ""  # a quick run prints nothing
 
 
 def test_atomic_files_follow_the_umask(tmp_path):
