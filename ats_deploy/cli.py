@@ -1,21 +1,25 @@
 """Command line: one command per verb, each a thin layer (parse -> call the library -> emit).
 
+Help is plain text (``rich_markup_mode=None``): option help is never parsed as rich markup or emoji codes
+(``shapes:train:N`` stays as written), flags show no metavar and fixed choices are listed as ``<a|b>``.
+
 ``--json`` writes one JSON document to stdout; human output goes to stdout, progress and logs to stderr.
 Exit codes: 0 ok, 1 user error (one line, no traceback), 2 usage error, 3 a parity or latency gate failed.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from . import __version__
-from .errors import AtsDeployError, GateFailed
+from ._cli_common import JsonOpt, handle_errors
+from ._cli_common import print_json as _print_json
+from .demo.cli import demo_app
+from .errors import GateFailed
 
 app = typer.Typer(
     name="ats-deploy",
@@ -23,12 +27,14 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-plugin_app = typer.Typer(help="The AdaptiveTokenSampler TensorRT plugin.", no_args_is_help=True)
+plugin_app = typer.Typer(
+    help="The AdaptiveTokenSampler TensorRT plugin.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(plugin_app, name="plugin")
 
 # Shared option aliases (fastapi-cli habit).
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout.")]
 TrustOpt = Annotated[
     bool, typer.Option("--trust-pickle", help="Allow unpickling arbitrary objects (runs code from the file).")
 ]
@@ -44,46 +50,26 @@ BlocksOpt = Annotated[
     ),
 ]
 ShapeOpt = Annotated[
-    str, typer.Option("--shape", help="static (fixed K_out slots + count) or dynamic (slice to the batch's max count).")
+    Literal["static", "dynamic"],
+    typer.Option("--shape", help="static (fixed K_out slots + count) or dynamic (slice to the batch's max count)."),
 ]
-
-
-def _emit_error(exc: AtsDeployError) -> None:
-    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    typer.echo(f"error: {msg}", err=True)
-
-
-def handle_errors(fn):
-    """Turn library errors into one line on stderr and the error's exit code (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except GateFailed as exc:
-            _emit_error(exc)
-            raise typer.Exit(exc.exit_code) from None
-        except AtsDeployError as exc:
-            _emit_error(exc)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            typer.echo("error: interrupted; nothing was left half-written", err=True)
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def _print_json(data) -> None:
-    from ._json import json_default
-
-    typer.echo(json.dumps(data, indent=2, default=json_default))
+SkipOpt = Annotated[
+    bool,
+    typer.Option(
+        "--skip-unreadable", help="Leave out unreadable images of an input folder (named on stderr) instead of failing."
+    ),
+]
+Precision = Literal["fp32", "fp16", "int8"]
+CalibMethod = Literal["entropy", "max", "percentile"]
+HostBackend = Literal["torch", "onnxruntime", "tensorrt"]
+TrtBackend = Literal["tensorrt", "rtx"]
 
 
 def _embedded_default():
     """The embedded default and its source record: the trained demo DeiT-Ti (``demo/weights``) when the
     package ships its weights, otherwise the seeded untrained DeiT-Ti (``model/default.py``)."""
+    from .artifacts import sha256_file
     from .demo.weights import DEMO_WEIGHTS, demo_weights_available, load_demo_checkpoint
-    from .exporters.export import sha256_file
     from .model.default import DEFAULT_SEED, QK_GAIN, default_checkpoint
 
     if demo_weights_available():
@@ -103,7 +89,7 @@ def _embedded_default():
 
 def _load(model: Path | None, *, trust_pickle: bool, heads: int | None):
     """A user checkpoint, or the embedded default model when none is given; plus its source record."""
-    from .exporters.export import sha256_file
+    from .artifacts import sha256_file
     from .model.checkpoints import load_checkpoint
 
     if model is None:
@@ -133,7 +119,8 @@ def export(
     batch: Annotated[int, typer.Option("--batch", min=1, help="Static batch size of the graph.")] = 1,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension dynamic.")] = False,
     sampler: Annotated[
-        str, typer.Option("--sampler", help="portable (standard ops) or plugin (also writes model.plugin.onnx).")
+        Literal["portable", "plugin"],
+        typer.Option("--sampler", help="portable (standard ops) or plugin (also writes model.plugin.onnx)."),
     ] = "portable",
     opset: Annotated[
         int, typer.Option("--opset", min=17, max=23, help="ONNX opset (>= 17 for LayerNormalization).")
@@ -141,18 +128,19 @@ def export(
     heads: HeadsOpt = None,
     trust_pickle: TrustOpt = False,
     parity_count: Annotated[
-        int, typer.Option("--parity-inputs", min=0, help="Random inputs for the PyTorch vs ONNX Runtime check.")
+        int, typer.Option("--parity-inputs", min=0, help="Default inputs for the PyTorch vs ONNX Runtime check.")
     ] = 8,
     inputs: Annotated[
         Path | None, typer.Option("--inputs", help="Images folder, .npy or shapes:heldout:N for the parity check.")
     ] = None,
+    skip_unreadable: SkipOpt = False,
     precision: Annotated[
-        str, typer.Option("--precision", help="fp32, fp16 (adds model.fp16.onnx) or int8 (also needs --calib-data).")
+        Precision, typer.Option("--precision", help="fp16 adds model.fp16.onnx; int8 also needs --calib-data.")
     ] = "fp32",
     calib_data: Annotated[
         Path | None, typer.Option("--calib-data", help="Calibration images/.npy (or shapes:train:N) for int8.")
     ] = None,
-    calib_method: Annotated[str, typer.Option("--calib-method", help="entropy, max or percentile.")] = "entropy",
+    calib_method: Annotated[CalibMethod, typer.Option("--calib-method", help="INT8 range method.")] = "entropy",
     as_json: JsonOpt = False,
 ) -> None:
     """Export a ViT checkpoint with ATS to ONNX (+ manifest, reference outputs) and check parity."""
@@ -161,16 +149,22 @@ def export(
     from .exporters.onnx import GraphOptions
     from .reports.parity import format_parity
 
-    if sampler not in ("portable", "plugin"):
-        raise ConfigError(f"--sampler {sampler!r} is unknown; use portable or plugin")
-    if precision not in ("fp32", "fp16", "int8"):
-        raise ConfigError(f"--precision {precision!r} is unknown; use fp32, fp16 or int8")
     if precision == "int8" and calib_data is None:
         raise ConfigError("--precision int8 needs --calib-data (a folder of images or .npy arrays, 100+ samples)")
     ck, source = _load(model, trust_pickle=trust_pickle, heads=heads)
     ats = _ats(ck.config, ats_blocks, max_k, shape)
     opts = GraphOptions(batch=batch, dynamic_batch=dynamic_batch, sampler=sampler, opset=opset)  # type: ignore[arg-type]
-    res = export_model(ck, ats, out, opts=opts, parity_count=parity_count, inputs=inputs, source=source)
+    res = export_model(
+        ck,
+        ats,
+        out,
+        opts=opts,
+        parity_count=parity_count,
+        inputs=inputs,
+        source=source,
+        skip_unreadable=skip_unreadable,
+        progress=not as_json,
+    )
     extra: dict[str, str] = {}
     if precision in ("fp16", "int8"):
         from .calibration.fp16 import write_fp16
@@ -179,10 +173,12 @@ def export(
     if precision == "int8":
         from .calibration.int8 import calibrate_export
 
-        _, written = calibrate_export(out, calib_data, method=calib_method, progress=not as_json)
+        _, written = calibrate_export(
+            out, calib_data, method=calib_method, progress=not as_json, skip_unreadable=skip_unreadable
+        )
         extra.update(written)
     if as_json:
-        from .exporters.export import read_manifest
+        from .artifacts import read_manifest
 
         manifest = read_manifest(out) if extra else res.manifest
         files = {**res.files, **extra}
@@ -206,14 +202,17 @@ def parity(
     inputs: Annotated[
         Path | None, typer.Option("--inputs", help="Images folder (PNG/JPEG), .npy file/folder or shapes:heldout:N.")
     ] = None,
-    count: Annotated[int, typer.Option("--count", min=1, help="Random inputs when --inputs is not given.")] = 16,
+    count: Annotated[int, typer.Option("--count", min=1, help="Default inputs when --inputs is not given.")] = 16,
     model: Annotated[Path | None, typer.Option("--model", help="The exported checkpoint, if it moved.")] = None,
     trust_pickle: TrustOpt = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")] = 1,
+    skip_unreadable: SkipOpt = False,
     precision: Annotated[
-        str, typer.Option("--precision", help="fp32 (model.onnx), fp16 or int8 (the converted graphs).")
+        Precision, typer.Option("--precision", help="fp32 (model.onnx), fp16 or int8 (the converted graphs).")
     ] = "fp32",
-    form: Annotated[str, typer.Option("--form", help="portable or plugin (expanded for ONNX Runtime).")] = "portable",
+    form: Annotated[
+        Literal["portable", "plugin"], typer.Option("--form", help="Graph form (plugin: expanded for ONNX Runtime).")
+    ] = "portable",
     as_json: JsonOpt = False,
 ) -> None:
     """Compare PyTorch with ONNX Runtime on an export; exit 3 when a gate fails."""
@@ -233,7 +232,16 @@ def parity(
             raise GateFailed(f"{precision} parity gate failed")
         return
 
-    res, info = run_parity(out_dir, inputs=inputs, count=count, model=model, trust_pickle=trust_pickle, seed=seed)
+    res, info = run_parity(
+        out_dir,
+        inputs=inputs,
+        count=count,
+        model=model,
+        trust_pickle=trust_pickle,
+        seed=seed,
+        skip_unreadable=skip_unreadable,
+        progress=not as_json,
+    )
     if as_json:
         _print_json({**info, **res.to_dict()})
     else:
@@ -251,17 +259,25 @@ def calibrate(
     data: Annotated[
         Path, typer.Option("--data", help="Calibration images folder, .npy or shapes:train:N (100+ samples).")
     ],
-    method: Annotated[str, typer.Option("--method", help="entropy, max or percentile.")] = "entropy",
+    method: Annotated[CalibMethod, typer.Option("--method", help="How activation ranges are chosen.")] = "entropy",
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Use at most this many samples.")] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Calibration batch size.")] = 16,
     percentile: Annotated[float, typer.Option("--percentile", help="For --method percentile.")] = 99.99,
+    skip_unreadable: SkipOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """INT8 on CPU: activation ranges with ONNX Runtime, explicit Q/DQ on the Linear inputs (model.int8.onnx)."""
     from .calibration.int8 import calibrate_export
 
     res, written = calibrate_export(
-        out_dir, data, method=method, limit=limit, batch_size=batch, percentile=percentile, progress=not as_json
+        out_dir,
+        data,
+        method=method,
+        limit=limit,
+        batch_size=batch,
+        percentile=percentile,
+        progress=not as_json,
+        skip_unreadable=skip_unreadable,
     )
     if as_json:
         _print_json({**res.to_dict(), "files": written})
@@ -284,6 +300,7 @@ def tokens(
     ats_blocks: BlocksOpt = None,
     heads: HeadsOpt = None,
     trust_pickle: TrustOpt = False,
+    skip_unreadable: SkipOpt = False,
     png: Annotated[
         Path | None,
         typer.Option("--png", help="Also draw the kept patches per ATS block over each input, as DIR/<input>.png."),
@@ -291,15 +308,15 @@ def tokens(
     as_json: JsonOpt = False,
 ) -> None:
     """Kept original token ids per ATS block, and logits, from the PyTorch model (and token-map PNGs)."""
-    from .calibration.data import default_inputs, load_inputs
     from .exporters.export import preprocess_for
+    from .inputs import default_inputs, load_inputs
     from .runtime.torch_runner import TorchRunner
 
     ck, source = _load(model, trust_pickle=trust_pickle, heads=heads)
     ats = _ats(ck.config, ats_blocks, max_k, "static")
     pre = preprocess_for(ck.config)
     if input is not None:
-        x, names = load_inputs(input, pre)
+        x, names = load_inputs(input, pre, skip_unreadable=skip_unreadable)
     else:
         x, label = default_inputs(source, 1, pre)
         names = [label]
@@ -338,10 +355,16 @@ def convert(
     """Expand AdaptiveTokenSampler plugin nodes into standard ONNX ops (runs in ONNX Runtime)."""
     import onnx
 
+    from .artifacts import AtomicWriter, save_onnx
     from .errors import InputError
     from .exporters.convert import plugin_to_portable
-    from .exporters.export import AtomicWriter, save_onnx
 
+    if model.is_dir():
+        hint = f" ({model / 'model.plugin.onnx'})" if (model / "model.plugin.onnx").is_file() else ""
+        raise InputError(
+            f"{model} is a directory; pass the plugin-form ONNX file inside it{hint}, written by "
+            "ats-deploy export --sampler plugin"
+        )
     if not model.is_file():
         raise InputError(
             f"{model} does not exist; pass a plugin-form ONNX written by ats-deploy export --sampler plugin"
@@ -360,15 +383,19 @@ def convert(
 @handle_errors
 def report(
     out_dir: Annotated[Path, typer.Argument(help="Directory written by ats-deploy export.")],
-    backend: Annotated[str, typer.Option("--backend", help="torch, onnxruntime or tensorrt.")] = "onnxruntime",
+    backend: Annotated[HostBackend, typer.Option("--backend", help="Where to time the models.")] = "onnxruntime",
     batches: Annotated[str, typer.Option("--batch", "--batches", help="Batch sizes, e.g. 1,8,64.")] = "1,8,64",
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Report directory (default OUT_DIR/report).")] = None,
     reps: Annotated[int, typer.Option("--reps", min=1, help="Timed runs per model and batch.")] = 30,
-    warmup: Annotated[int, typer.Option("--warmup", min=0)] = 5,
-    images: Annotated[int | None, typer.Option("--images", min=1, help="Random inputs for token statistics.")] = None,
-    inputs: Annotated[
-        Path | None, typer.Option("--inputs", help="Images folder, .npy or shapes:heldout:N for token stats.")
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs before timing, per batch.")] = 5,
+    images: Annotated[
+        int | None,
+        typer.Option("--images", min=1, help="Default inputs for token stats and parity (default: largest batch)."),
     ] = None,
+    inputs: Annotated[
+        Path | None, typer.Option("--inputs", help="Images folder, .npy or shapes:heldout:N for tokens and parity.")
+    ] = None,
+    skip_unreadable: SkipOpt = False,
     model: Annotated[Path | None, typer.Option("--model", help="The exported checkpoint, if it moved.")] = None,
     trust_pickle: TrustOpt = False,
     max_slowdown: Annotated[
@@ -377,10 +404,12 @@ def report(
     threads: Annotated[int, typer.Option("--threads", min=0, help="CPU threads (0 = all).")] = 0,
     fp32: Annotated[bool, typer.Option("--fp32", help="torch on CUDA: no fp16 autocast.")] = False,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the default inputs.")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Latency, tokens kept, GFLOPs and parity of ATS vs the dense model, side by side; writes report/."""
+    """Latency, tokens kept, GFLOPs and parity of ATS vs the dense model, side by side; writes report/.
+
+    Exits 3 when the parity gate (the same verdict as ats-deploy parity) or --max-slowdown fails."""
     from .model.config import parse_int_list
     from .reports.latency import check_gate
     from .reports.latency import report as make_report
@@ -388,7 +417,7 @@ def report(
     rep = make_report(
         out_dir,
         backend=backend,
-        batches=parse_int_list(batches, what="--batch") or (1,),
+        batches=parse_int_list(batches, what="--batch", example="1,8,64") or (1,),
         out=out,
         reps=reps,
         warmup=warmup,
@@ -403,6 +432,7 @@ def report(
         plots=not no_plots,
         progress=not as_json,
         seed=seed,
+        skip_unreadable=skip_unreadable,
     )
     if as_json:
         _print_json(rep.data)
@@ -418,19 +448,21 @@ def tune_k_cmd(
     source: Annotated[
         Path | None, typer.Argument(help="Checkpoint or export directory; omit for the embedded default.")
     ] = None,
-    backend: Annotated[str, typer.Option("--backend", help="torch, onnxruntime or tensorrt.")] = "onnxruntime",
-    batch: Annotated[int, typer.Option("--batch", min=1)] = 1,
+    backend: Annotated[HostBackend, typer.Option("--backend", help="Where to measure.")] = "onnxruntime",
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size to tune for.")] = 1,
     ats_blocks: BlocksOpt = None,
     target: Annotated[float, typer.Option("--target", help="ATS/dense latency ratio to stay under.")] = 1.0,
     margin: Annotated[float, typer.Option("--margin", help="Kept in hand for measurement noise.")] = 0.02,
-    k_min: Annotated[int, typer.Option("--k-min", min=2)] = 2,
+    k_min: Annotated[int, typer.Option("--k-min", min=2, help="Smallest K to propose (CLS included).")] = 2,
     step: Annotated[int, typer.Option("--step", min=1, help="Token-count step of the sweep.")] = 8,
     refine: Annotated[bool, typer.Option("--refine", help="Re-sweep token by token inside each jump.")] = False,
-    stack_depth: Annotated[int, typer.Option("--stack-depth", min=1)] = 2,
-    reps: Annotated[int, typer.Option("--reps", min=1)] = 15,
-    warmup: Annotated[int, typer.Option("--warmup", min=0)] = 3,
-    threads: Annotated[int, typer.Option("--threads", min=0)] = 0,
-    fp32: Annotated[bool, typer.Option("--fp32")] = False,
+    stack_depth: Annotated[
+        int, typer.Option("--stack-depth", min=1, help="Dense blocks stacked per timed graph (steadier timings).")
+    ] = 2,
+    reps: Annotated[int, typer.Option("--reps", min=1, help="Timed runs per token count.")] = 15,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs before timing.")] = 3,
+    threads: Annotated[int, typer.Option("--threads", min=0, help="CPU threads (0 = all).")] = 0,
+    fp32: Annotated[bool, typer.Option("--fp32", help="torch on CUDA: no fp16 autocast.")] = False,
     heads: HeadsOpt = None,
     trust_pickle: TrustOpt = False,
     as_json: JsonOpt = False,
@@ -476,7 +508,7 @@ def build(
         Path | None, typer.Option("-o", "--out", help="Plan path (default: the ONNX path with .plan).")
     ] = None,
     precision: Annotated[
-        str | None, typer.Option("--precision", help="fp32, fp16 or int8: checked against the ONNX's own precision.")
+        Precision | None, typer.Option("--precision", help="Checked against the ONNX's own precision.")
     ] = None,
     plugin_lib: Annotated[Path | None, typer.Option("--plugin-lib", help="libats_sampler.so (plugin form).")] = None,
     batch: Annotated[
@@ -486,9 +518,11 @@ def build(
     opt_level: Annotated[int, typer.Option("--opt-level", min=0, max=5, help="Builder optimisation level.")] = 3,
     timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="Timing cache file (reused).")] = None,
     backend: Annotated[
-        str | None, typer.Option("--backend", help="tensorrt (default) or rtx (TensorRT-RTX, build-only checks).")
+        TrtBackend | None, typer.Option("--backend", help="tensorrt (default) or rtx (TensorRT-RTX, build checks).")
     ] = None,
-    plugin_load: Annotated[str, typer.Option("--plugin-load", help="auto, dlopen or registry.")] = "auto",
+    plugin_load: Annotated[
+        Literal["auto", "dlopen", "registry"], typer.Option("--plugin-load", help="How the plugin library is loaded.")
+    ] = "auto",
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Engine cache directory.")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Always rebuild.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="TensorRT's verbose log.")] = False,
@@ -499,7 +533,7 @@ def build(
     from .exporters.trt import BuildSettings, build_engine
     from .model.config import parse_int_list
 
-    profile = parse_int_list(batch, what="--batch") if batch else None
+    profile = parse_int_list(batch, what="--batch", example="1,4,16") if batch else None
     if profile is not None and len(profile) != 3:
         raise ConfigError(f"--batch {batch!r} needs three values MIN,OPT,MAX, e.g. 1,4,16")
     settings = BuildSettings(
@@ -529,7 +563,7 @@ def verify(
     plan: Annotated[Path, typer.Argument(help="Engine built by ats-deploy build.")],
     reference: Annotated[Path, typer.Option("--reference", help="reference.npz written by ats-deploy export.")],
     plugin_lib: Annotated[Path | None, typer.Option("--plugin-lib", help="libats_sampler.so (plugin form).")] = None,
-    backend: Annotated[str | None, typer.Option("--backend", help="tensorrt (default) or rtx.")] = None,
+    backend: Annotated[TrtBackend | None, typer.Option("--backend", help="tensorrt (default) or rtx.")] = None,
     no_cuda_graph: Annotated[bool, typer.Option("--no-cuda-graph", help="Plain enqueue, no CUDA graph.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -565,45 +599,7 @@ def bundle(
         typer.echo(f"wrote {res.path} ({len(res.files)} files, {res.bytes / 1e6:.1f} MB, sha256 {res.sha256[:12]}...)")
 
 
-demo_app = typer.Typer(help="The procedural shapes demo: train and evaluate a DeiT-Ti on generated images.")
 app.add_typer(demo_app, name="demo")
-_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
-
-
-@demo_app.command("train", context_settings=_PASS_THROUGH)
-@handle_errors
-def demo_train(ctx: typer.Context) -> None:
-    """Train the demo DeiT-Ti (options: python -m ats_deploy.demo.train --help; GPU strongly advised)."""
-    from .demo.train import _main
-
-    raise typer.Exit(_main(list(ctx.args)))
-
-
-@demo_app.command("eval", context_settings=_PASS_THROUGH)
-@handle_errors
-def demo_eval(ctx: typer.Context) -> None:
-    """Top-1 of dense vs ATS on held-out generated images (options: python -m ats_deploy.demo.evaluate --help)."""
-    from .demo.evaluate import _main
-
-    raise typer.Exit(_main(list(ctx.args)))
-
-
-@demo_app.command("ship")
-@handle_errors
-def demo_ship(
-    run_dir: Annotated[Path, typer.Argument(help="The --out directory of a finished `demo train` run.")],
-    images: Annotated[int, typer.Option("--images", min=1, help="Held-out images to evaluate.")] = 2000,
-    command: Annotated[
-        str | None, typer.Option("--command", help="Training command for the card (default: the one the log recorded).")
-    ] = None,
-) -> None:
-    """Ship a run as the demo weights: fp16 safetensors, eval on held-out images, MODEL_CARD.md from the run."""
-    from .demo.card import ship_run
-    from .demo.evaluate import render_report
-
-    weights, card, report = ship_run(run_dir, command=command, images=images, progress=sys.stderr.isatty())
-    typer.echo(render_report(report))
-    typer.echo(f"shipped {weights} and {card}")
 
 
 @plugin_app.command("build")

@@ -33,11 +33,11 @@ def main() -> None:
 
     import onnx
 
-    from ats_deploy.calibration.data import Preprocess, random_inputs
     from ats_deploy.calibration.fp16 import convert_to_fp16
     from ats_deploy.calibration.int8 import calibrate, quantize_int8
     from ats_deploy.calibration.precision import compare_precision, format_precision_parity
     from ats_deploy.exporters.onnx import GraphOptions, build_graph
+    from ats_deploy.inputs import Preprocess, random_inputs
     from ats_deploy.model.config import resolve_ats
     from ats_deploy.model.default import default_checkpoint
     from ats_deploy.model.presets import deit_small_patch16_224

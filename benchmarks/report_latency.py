@@ -36,9 +36,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from ats_deploy.calibration.data import random_inputs
     from ats_deploy.exporters.export import preprocess_for
     from ats_deploy.exporters.onnx import GraphOptions, build_graph
+    from ats_deploy.inputs import random_inputs
     from ats_deploy.model.config import ATSConfig, resolve_ats
     from ats_deploy.model.default import default_checkpoint
     from ats_deploy.model.presets import preset

@@ -41,7 +41,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import DependencyError, InputError
-from .data import Preprocess, load_inputs
+from ..inputs import Preprocess, load_inputs
+from ..progress import progress_bar
 from .precision import (
     LinearSite,
     check_graph,
@@ -123,7 +124,9 @@ class CalibrationResult:
 # -- data ------------------------------------------------------------------------------------------
 
 
-def _as_batches(data, pre: Preprocess, *, limit: int | None) -> tuple[list[np.ndarray], int, str]:
+def _as_batches(
+    data, pre: Preprocess, *, limit: int | None, skip_unreadable: bool = False
+) -> tuple[list[np.ndarray], int, str]:
     """Calibration data as float32 NCHW batches, the image count and the sha256 of the pixels.
 
     ``data`` is an image/.npy folder or file, an array [N, C, H, W], or any iterable of arrays ([B, C, H, W]
@@ -133,7 +136,7 @@ def _as_batches(data, pre: Preprocess, *, limit: int | None) -> tuple[list[np.nd
     want = (pre.channels, pre.size, pre.size)
     if isinstance(data, (str, Path)):
         try:
-            arr, _ = load_inputs(data, pre, limit=limit)
+            arr, _ = load_inputs(data, pre, limit=limit, skip_unreadable=skip_unreadable)
         except PermissionError as exc:
             raise InputError(f"calibration data {data} is not readable ({exc.strerror}); check permissions") from None
         items: Iterable = [arr]
@@ -249,32 +252,6 @@ class _Collector:
         return out
 
 
-def _progress(enabled: bool, total: int):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]calibrating[/] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("images"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=False,
-    )
-
-
 def collect_ranges(
     model: onnx.ModelProto,
     batches: list[np.ndarray],
@@ -315,8 +292,8 @@ def collect_ranges(
     total = sum(len(b) for b in batches)
     names = [o.name for o in sess.get_outputs()]
     col = _Collector(settings)
-    with _progress(progress, total) as bar:
-        task = bar.add_task(label or f"{len(sites)} MatMul inputs ({settings.method})", total=total)
+    desc = f"calibrating {label or f'{len(sites)} MatMul inputs ({settings.method})'}: images"
+    with progress_bar(progress, total, desc) as advance:
         for chunk, real in _rechunk(batches, size):
             outs = dict(zip(names, sess.run(names, {inp.name: chunk})))
             vals = {}
@@ -328,8 +305,8 @@ def collect_ranges(
                     a = np.concatenate([a[i, : int(cnt[i])] for i in range(real)])
                 vals[s.layer] = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
             col.add(vals)
-            bar.advance(task, real)
-        bar.update(task, description=f"{label or 'ranges'}: computing {settings.method} thresholds")
+            advance(real)
+        advance(0, description=f"calibrating {label or 'ranges'}: computing {settings.method} thresholds")
         res = col.result()
     return res
 
@@ -516,7 +493,7 @@ def _default_preprocess(model: onnx.ModelProto, onnx_path: Path | None) -> Prepr
     """The manifest's preprocessing when the model sits in an export directory, else ImageNet's at the
     graph's input size."""
     if onnx_path is not None and (onnx_path.parent / "manifest.json").exists():
-        from ..exporters.export import read_manifest
+        from ..artifacts import read_manifest
 
         return Preprocess.from_dict(read_manifest(onnx_path.parent)["preprocessing"])
     dims = model.graph.input[0].type.tensor_type.shape.dim
@@ -541,6 +518,7 @@ def calibrate(
     num_bins: int | None = None,
     threads: int = 0,
     progress: bool = True,
+    skip_unreadable: bool = False,
 ) -> CalibrationResult:
     """Calibrate a float32 export on ``data`` and (with ``output``) write its INT8 graph there.
 
@@ -561,7 +539,7 @@ def calibrate(
     refuse_quantized(model)
     refuse_fp16(model)
     pre = preprocess or _default_preprocess(model, path)
-    batches, n, data_sha = _as_batches(data, pre, limit=limit)
+    batches, n, data_sha = _as_batches(data, pre, limit=limit, skip_unreadable=skip_unreadable)
     warnings = _check_count(n)
     for w in warnings:
         _warn(w)
@@ -584,7 +562,7 @@ def calibrate(
             _cache_save(cache_path, model_sha=msha, data_sha=data_sha, settings=settings, images=n, amax=amax)
     out_path = None
     if output is not None:
-        from ..exporters.export import AtomicWriter, save_onnx
+        from ..artifacts import AtomicWriter, save_onnx
 
         q = quantize_int8(model, amax)
         out_path = Path(output)
@@ -614,13 +592,16 @@ def calibrate_export(
     percentile: float = 99.99,
     num_bins: int | None = None,
     progress: bool = True,
+    skip_unreadable: bool = False,
 ) -> tuple[CalibrationResult, dict[str, str]]:
     """Calibrate an export directory's ``model.onnx`` and write ``model.int8.onnx`` (and
     ``model.plugin.int8.onnx`` when the plugin form exists, with the same ranges), the cache
     ``calibration.json`` and the manifest entries; returns the result and {file name: sha256}."""
+    from ..artifacts import read_manifest
     from .precision import artifact_name, record_artifacts
 
     out = Path(out_dir)
+    read_manifest(out)  # a checkpoint or an ONNX file given here: say what to pass instead
     src = out / "model.onnx"
     if not src.exists():
         raise InputError(f"{out} has no model.onnx; run ats-deploy export -o {out} first")
@@ -634,6 +615,7 @@ def calibrate_export(
         percentile=percentile,
         num_bins=num_bins,
         progress=progress,
+        skip_unreadable=skip_unreadable,
     )
     models = {}
     for base in ("model.onnx", "model.plugin.onnx"):

@@ -379,8 +379,9 @@ def run_precision_parity(
     sampler (exporters/convert.py), which proves the plugin form's float16/int8 surroundings on CPU.
     Held-out inputs: random normal pixels with ``seed`` (calibration uses its own data) or ``inputs``.
     """
-    from ..reports.parity import load_export_setup
-    from ..runtime.ort_runner import OrtRunner, run_batched
+    from ..exported import load_export_setup
+    from ..reports.parity import run_chunks
+    from ..runtime.ort_runner import OrtRunner
     from ..runtime.torch_runner import TorchRunner
 
     if precision not in PRECISIONS:
@@ -399,9 +400,9 @@ def run_precision_parity(
 
         src = plugin_to_portable(onnx.load(str(path))).SerializeToString()
     with TorchRunner(ck, ats) as tr:
-        ref = run_batched(tr, x, batch)
+        ref = run_chunks(tr, x, batch)
     with OrtRunner(src) as orr:
-        got = run_batched(orr, x, batch)
+        got = run_chunks(orr, x, batch)
     res = compare_precision(
         ref, got, precision=precision, blocks=ats.blocks, prefix_tokens=st.prefix_tokens, labels=st.labels
     )
@@ -414,7 +415,7 @@ def record_artifacts(
     """Write ``models`` into an export directory and record them in its manifest, atomically together."""
     import json
 
-    from ..exporters.export import MANIFEST, AtomicWriter, read_manifest, save_onnx, sha256_file
+    from ..artifacts import MANIFEST, AtomicWriter, read_manifest, save_onnx, sha256_file
 
     man = read_manifest(out_dir)
     files: dict[str, str] = {}

@@ -29,7 +29,7 @@ DEMO_WEIGHTS = WEIGHTS_DIR / "deit_tiny_shapes.safetensors"
 
 
 def sha256_of(path: str | Path) -> str:
-    from ..exporters.export import sha256_file
+    from ..artifacts import sha256_file
 
     return sha256_file(path)
 
@@ -54,8 +54,8 @@ def load_demo_checkpoint(path: str | Path | None = None) -> LoadedCheckpoint:
     p = Path(path or DEMO_WEIGHTS)
     if not p.is_file():
         raise CheckpointError(
-            f"trained demo weights {p} are not there; train them with `ats-deploy demo train` "
-            "(python -m ats_deploy.demo.train) and export with ats_deploy.demo.weights.export_demo_weights"
+            f"trained demo weights {p} are not there (none are shipped yet); train some with "
+            "`ats-deploy demo train --out runs/demo` (a GPU is advised) and pass runs/demo/final.safetensors"
         )
     raw, meta = _read(p)
     sd = {k: np.asarray(v, dtype=np.float32) for k, v in raw.items()}
@@ -80,6 +80,5 @@ def export_demo_weights(src: str | Path, dst: str | Path | None = None, *, metad
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_suffix(dst.suffix + ".tmp")
     save_file(half, str(tmp), metadata={**src_meta, **{k: str(v) for k, v in (metadata or {}).items()}})
-    os.chmod(tmp, 0o644)  # a package file: readable by every user of the installation
     os.replace(tmp, dst)
     return sha256_of(dst)

@@ -12,9 +12,7 @@ a failed run leaves nothing half-written and never clobbers a previous good expo
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import platform
 import sys
 import time
@@ -25,11 +23,13 @@ import numpy as np
 
 from .. import __version__
 from .._json import json_default
-from ..calibration.data import Preprocess, default_inputs, input_labels, load_inputs
-from ..errors import CheckpointError, ExportError, InputError
-from ..model.checkpoints import LoadedCheckpoint, load_checkpoint
+from ..artifacts import EXTERNAL_DATA_LIMIT, FORMAT, MANIFEST, AtomicWriter, read_manifest, save_onnx, sha256_file
+from ..errors import ExportError, InputError
+from ..exported import checkpoint_from_manifest
+from ..inputs import Preprocess, default_inputs, input_labels, load_inputs
+from ..model.checkpoints import LoadedCheckpoint
 from ..model.config import ATSConfig, ViTConfig
-from ..reports.parity import ParityResult, compare_outputs
+from ..reports.parity import ParityResult, compare_outputs, reference_outputs, run_chunks
 from .onnx import GraphOptions, build_graph, output_names
 
 __all__ = [
@@ -42,18 +42,6 @@ __all__ = [
     "AtomicWriter",
     "preprocess_for",
 ]
-
-MANIFEST = "manifest.json"
-FORMAT = "ats-deploy/1"
-EXTERNAL_DATA_LIMIT = 1_800_000_000  # protobuf's 2 GB cap: larger graphs keep weights in a side file
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def preprocess_for(cfg: ViTConfig) -> Preprocess:
@@ -74,66 +62,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-class AtomicWriter:
-    """Collects files under temporary names in ``directory``; ``commit()`` renames them all into place."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = Path(directory)
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / f".ats-deploy-probe-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise ExportError(
-                f"output directory {self.dir} is not writable ({exc.strerror}); choose another with -o"
-            ) from None
-        self._pending: list[tuple[Path, Path]] = []
-
-    def path(self, name: str) -> Path:
-        """A temporary path to write ``name`` to; it becomes ``directory/name`` on commit."""
-        tmp = self.dir / f".{name}.tmp-{os.getpid()}"
-        self._pending.append((tmp, self.dir / name))
-        return tmp
-
-    def commit(self) -> None:
-        for tmp, final in self._pending:
-            os.replace(tmp, final)
-            side = tmp.with_name(tmp.name + ".data")
-            if side.exists():
-                os.replace(side, final.with_name(final.name + ".data"))
-        self._pending.clear()
-
-    def abort(self) -> None:
-        for tmp, _ in self._pending:
-            for p in (tmp, tmp.with_name(tmp.name + ".data")):
-                p.unlink(missing_ok=True)
-        self._pending.clear()
-
-    def __enter__(self) -> AtomicWriter:
-        return self
-
-    def __exit__(self, exc_type, *_) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
-
-
-def save_onnx(model, path: Path) -> None:
-    import onnx
-
-    try:
-        if model.ByteSize() > EXTERNAL_DATA_LIMIT:
-            onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
-        else:
-            onnx.save(model, str(path))
-    except OSError as exc:
-        raise ExportError(
-            f"cannot write {path.name} in {path.parent} ({exc.strerror}); free space or choose -o"
-        ) from None
-
-
 @dataclass(frozen=True)
 class ExportResult:
     out_dir: Path
@@ -145,10 +73,16 @@ class ExportResult:
 
 
 def _reference_inputs(
-    pre: Preprocess, *, inputs: str | Path | None, count: int, batch: int | None, source: dict | None
+    pre: Preprocess,
+    *,
+    inputs: str | Path | None,
+    count: int,
+    batch: int | None,
+    source: dict | None,
+    skip_unreadable: bool = False,
 ) -> np.ndarray:
     if inputs is not None:
-        x, _ = load_inputs(inputs, pre)
+        x, _ = load_inputs(inputs, pre, skip_unreadable=skip_unreadable)
     else:
         x = default_inputs(source, count, pre, seed=0)[0]
     if batch and len(x) % batch:
@@ -170,6 +104,8 @@ def export_model(
     parity_count: int = 8,
     inputs: str | Path | None = None,
     source: dict | None = None,
+    skip_unreadable: bool = False,
+    progress: bool = False,
 ) -> ExportResult:
     """Write the ONNX form(s), reference outputs and manifest for ``ckpt`` with ``ats`` into ``out_dir``.
 
@@ -196,15 +132,23 @@ def export_model(
             save_onnx(plugin, p_plug)
             files["model.plugin.onnx"] = sha256_file(p_plug)
         if parity_count or inputs is not None:
-            from ..runtime.ort_runner import OrtRunner, run_batched
-            from ..runtime.torch_runner import TorchRunner
+            from ..progress import progress_bar
+            from ..runtime.ort_runner import OrtRunner
 
             batch = None if opts.dynamic_batch else opts.batch
-            x = _reference_inputs(pre, inputs=inputs, count=max(parity_count, batch or 1), batch=batch, source=source)
-            with TorchRunner(ckpt, ats, boundary=True) as tr:
-                ref = run_batched(tr, x, batch)
-            with OrtRunner(p_onnx) as orr:
-                got = run_batched(orr, x, batch)
+            x = _reference_inputs(
+                pre,
+                inputs=inputs,
+                count=max(parity_count, batch or 1),
+                batch=batch,
+                source=source,
+                skip_unreadable=skip_unreadable,
+            )
+            with progress_bar(progress, 2 * len(x), f"parity: PyTorch on {len(x)} inputs") as advance:
+                ref = reference_outputs(ckpt, ats, x, batch=batch, advance=advance)
+                advance(0, description=f"parity: ONNX Runtime on {len(x)} inputs")
+                with OrtRunner(p_onnx) as orr:
+                    got = run_chunks(orr, x, batch, advance=advance)
             labels = input_labels(inputs, source, len(x))
             parity = compare_outputs(ref, got, blocks=ats.blocks, prefix_tokens=cfg.num_prefix_tokens, labels=labels)
             p_ref = w.path("reference.npz")
@@ -264,54 +208,3 @@ def build_manifest(
         "versions": versions(),
         "artifacts": {name: {"sha256": digest} for name, digest in files.items()},
     }
-
-
-def read_manifest(out_dir: str | Path) -> dict:
-    """The manifest of an export directory, with a one-line error when it is missing or not ours."""
-    p = Path(out_dir)
-    man = p / MANIFEST if p.is_dir() else p
-    if not man.exists():
-        raise InputError(f"{p} has no {MANIFEST}; pass the directory written by ats-deploy export")
-    try:
-        data = json.loads(man.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{man} is not readable JSON ({exc}); re-run ats-deploy export") from None
-    if data.get("format") != FORMAT:
-        raise InputError(
-            f"{man} is not an ats-deploy manifest (format {data.get('format')!r}); re-run ats-deploy export"
-        )
-    return data
-
-
-def checkpoint_from_manifest(
-    manifest: dict, *, model: str | Path | None = None, trust_pickle: bool = False
-) -> LoadedCheckpoint:
-    """Reload the exported weights: the shipped demo model or the seeded generator (both part of the
-    package), or the checkpoint file; demo weights and checkpoints are sha256-checked."""
-    src = manifest["model"]["source"]
-    arch = ViTConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["model"]["architecture"].items()}
-    )
-    if model is None and src.get("kind") == "embedded":
-        from ..model.default import default_checkpoint
-
-        return default_checkpoint(int(src["seed"]), arch, qk_gain=float(src.get("qk_gain", 1.5)))
-    if model is None and src.get("kind") == "demo":
-        from ..demo.weights import DEMO_WEIGHTS, load_demo_checkpoint
-
-        if src.get("sha256") and DEMO_WEIGHTS.is_file() and sha256_file(DEMO_WEIGHTS) != src["sha256"]:
-            raise CheckpointError(
-                f"this export was made from other demo weights than the installed {DEMO_WEIGHTS.name} (sha256 "
-                "mismatch); re-run ats-deploy export with this version"
-            )
-        return load_demo_checkpoint()
-    path = Path(model) if model is not None else Path(src.get("path", ""))
-    if model is None and not path.exists():
-        raise InputError(f"the exported checkpoint {path} is gone; pass it again with --model PATH")
-    ck = load_checkpoint(path, trust_pickle=trust_pickle, heads=arch.num_heads)
-    want = src.get("sha256")
-    if want and sha256_file(path) != want:
-        raise CheckpointError(
-            f"checkpoint {path} differs from the one exported (sha256 mismatch); pass the original with --model"
-        )
-    return ck

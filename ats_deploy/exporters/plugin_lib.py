@@ -144,7 +144,7 @@ def find_tensorrt_root(tensorrt_root: str | os.PathLike[str] | None = None) -> P
         missing = f"TensorRT headers (NvInfer.h) and libnvinfer.so not found under {where}"
     raise DependencyError(
         f"{missing}: install TensorRT >= 10 with its development files (on Jetson: JetPack >= 6.1, "
-        "apt install libnvinfer-dev) and pass tensorrt_root= or set TENSORRT_ROOT to its prefix"
+        "apt install libnvinfer-dev) and pass --tensorrt-root PREFIX (or set TENSORRT_ROOT)"
     )
 
 

@@ -44,7 +44,6 @@ __all__ = [
     "GUARD_ENV",
     "RTX_LIBRARY",
     "build_in_child",
-    "child_main",
     "ensure_rtx_shim",
     "guarded_env",
     "plugin_classes",
@@ -307,24 +306,24 @@ def build_in_child(
     plan: Path,
     settings: Any,
     *,
+    env: dict[str, str],
     manifest: Path | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
     verbose: bool = False,
     timeout: float | None = None,
-):
-    """Run :func:`ats_deploy.exporters.trt.build_engine` in a child process started with the shim.
+) -> dict:
+    """Run :func:`ats_deploy.exporters.trt.child_main` (its ``build_engine``) in a child process started
+    with the shim and ``env`` added; returns the child's ``BuildResult.to_dict()``.
 
     An abort inside TensorRT then kills the child, not the caller, and becomes one ExportError line;
-    library errors raised in the child come back as the same error class with the same message.
+    library errors raised in the child come back as the same error class with the same message. This
+    module never imports :mod:`.trt` (trt calls in here, not the other way round).
     """
     from .. import errors
-    from .trt import BACKEND_ENV, CHILD_ENV, BuildResult, resolve_backend
 
-    env = guarded_env()
-    env[CHILD_ENV] = "1"
-    env[BACKEND_ENV] = resolve_backend(settings.backend)
-    shim = env["LD_LIBRARY_PATH"].split(os.pathsep)[0]
+    child_env = {**guarded_env(), **env}
+    shim = child_env["LD_LIBRARY_PATH"].split(os.pathsep)[0]
     with tempfile.TemporaryDirectory(prefix="ats-deploy-build-") as tmp:
         req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request = {
@@ -338,11 +337,10 @@ def build_in_child(
             "result": str(res),
         }
         req.write_text(json.dumps(request))
-        code = f"from ats_deploy.exporters.rtx_plugin import child_main; child_main({str(req)!r})"
+        code = f"from ats_deploy.exporters.trt import child_main; child_main({str(req)!r})"
         try:
-            proc = subprocess.run(
-                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False, timeout=timeout
-            )
+            cmd = [sys.executable, "-c", code]
+            proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True, check=False, timeout=timeout)
         except subprocess.TimeoutExpired:
             raise errors.ExportError(f"the TensorRT build of {onnx_path.name} took over {timeout} s; stopped") from None
         if verbose and proc.stderr:
@@ -360,30 +358,4 @@ def build_in_child(
         if not (isinstance(cls, type) and issubclass(cls, errors.AtsDeployError)):
             cls = errors.ExportError
         raise cls(out["error"]["message"])
-    r = out["result"]
-    return BuildResult(Path(r["plan"]), Path(r["record_path"]), r["record"], r["cached"], r["seconds"], r["warnings"])
-
-
-def child_main(request: str) -> None:
-    """Entry point of the isolated child: run build_engine here, report the result or error as JSON."""
-    from ..errors import AtsDeployError
-    from .trt import BuildSettings, build_engine
-
-    req = json.loads(Path(request).read_text())
-    try:
-        res = build_engine(
-            req["onnx"],
-            req["output"],
-            settings=BuildSettings.from_dict(req["settings"]),
-            manifest=req["manifest"],
-            cache_dir=req["cache_dir"],
-            use_cache=req["use_cache"],
-            verbose=req["verbose"],
-            isolate=False,
-        )
-        out: dict = {"result": res.to_dict()}
-    except AtsDeployError as exc:
-        out = {"error": {"type": type(exc).__name__, "message": str(exc)}}
-    tmp = Path(req["result"] + ".tmp")
-    tmp.write_text(json.dumps(out))
-    os.replace(tmp, req["result"])
+    return out["result"]

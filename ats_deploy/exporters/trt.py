@@ -28,17 +28,17 @@ import json
 import os
 import platform
 import re
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar, Literal
 
+from ..artifacts import MANIFEST, file_kind, read_manifest, wrong_kind
+from ..artifacts import atomic_copy as _atomic_copy
+from ..artifacts import atomic_write as _atomic_write
 from ..errors import ConfigError, DependencyError, ExportError, InputError
-from .export import MANIFEST, read_manifest
 from .plugin_lib import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 __all__ = [
@@ -73,6 +73,10 @@ RECORD_FORMAT = "ats-deploy-engine/1"
 TEGRA_RELEASE = "/etc/nv_tegra_release"
 MIN_TENSORRT = (10, 0)  # IPluginV3 and size tensors
 MIN_TENSORRT_JETSON = (10, 3)  # JetPack 6.1
+STAND_IN_NOTE = (
+    "no --plugin-lib: the sampler nodes were built with the Python stand-in plugin (TensorRT-RTX build "
+    "check only); this engine proves what TensorRT parses, not the CUDA kernel, and runs nowhere else"
+)
 DEFAULT_BATCH_PROFILE = (1, 1, 16)  # min/opt/max batch for graphs exported with --dynamic-batch
 _FIX = {
     "tensorrt": "on a Jetson flash JetPack 6.1+ (TensorRT 10.3+) and use its python3-libnvinfer; "
@@ -442,6 +446,9 @@ def read_record(plan: str | os.PathLike[str], *, check_plan: bool = True) -> dic
     p = Path(plan)
     if not p.is_file():
         raise InputError(f"engine {p} does not exist; build it with ats-deploy build")
+    kind = file_kind(p)
+    if kind in ("onnx", "safetensors", "torch-zip", "pickle", "npz", "json"):  # plans have no magic to check
+        raise wrong_kind(p, "plan", kind)
     rp = record_path(p)
     if not rp.is_file():
         raise InputError(f"{p.name} has no build record {rp.name} beside it; rebuild the engine with ats-deploy build")
@@ -479,30 +486,6 @@ def cache_key(
         parts[name] = list(value) if isinstance(value, tuple) else value
     parts["gpu"] = None if gpu is None else [gpu.get("name"), gpu.get("compute_capability")]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_outputs(plan: Path, plan_bytes: bytes | None, record: dict, *, src: Path | None = None) -> None:
@@ -714,7 +697,8 @@ def build_engine(
                     _register_plugin(trt, settings, backend)  # the same library checks as a fresh build
                 rec = {**rec, "onnx": {**rec["onnx"], "path": str(onnx_path.resolve())}}
                 _write_outputs(plan, None, rec, src=cached_plan)
-                return BuildResult(plan, record_path(plan), rec, True, time.perf_counter() - t0)
+                notes = [STAND_IN_NOTE] if (rec.get("plugin") or {}).get("kind") == "python" else []
+                return BuildResult(plan, record_path(plan), rec, True, time.perf_counter() - t0, notes)
         except (OSError, json.JSONDecodeError, KeyError):
             pass  # a damaged cache entry is rebuilt
 
@@ -723,10 +707,19 @@ def build_engine(
     if isolate and not os.environ.get(CHILD_ENV):
         from .rtx_plugin import build_in_child
 
-        res = build_in_child(
-            onnx_path, plan, settings, manifest=man_path, cache_dir=cache_dir, use_cache=use_cache, verbose=verbose
+        r = build_in_child(
+            onnx_path,
+            plan,
+            settings,
+            env={CHILD_ENV: "1", BACKEND_ENV: backend},
+            manifest=man_path,
+            cache_dir=cache_dir,
+            use_cache=use_cache,
+            verbose=verbose,
         )
-        return replace(res, seconds=time.perf_counter() - t0)
+        return BuildResult(
+            Path(r["plan"]), Path(r["record_path"]), r["record"], r["cached"], time.perf_counter() - t0, r["warnings"]
+        )
     if _needs_guard(backend, facts):
         raise DependencyError(
             "TensorRT-RTX would abort parsing plugin nodes: libtensorrt_rtx.so is not on LD_LIBRARY_PATH of this "
@@ -734,6 +727,9 @@ def build_engine(
         )
 
     plan_bytes, summary, plugin, warnings = _build_in_process(trt, backend, onnx_path, facts, settings, verbose)
+    if plugin and plugin.get("kind") == "python":
+        plugin = {**plugin, "note": STAND_IN_NOTE}
+        warnings.append(STAND_IN_NOTE)
     record = {
         "format": RECORD_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -766,6 +762,31 @@ def build_engine(
         except OSError as exc:
             warnings.append(f"engine cache {cache} not updated ({exc.strerror})")
     return BuildResult(plan, record_path(plan), record, False, time.perf_counter() - t0, warnings)
+
+
+def child_main(request: str) -> None:
+    """Entry point of the isolated build process (:func:`.rtx_plugin.build_in_child`): run build_engine
+    here, report the result or the error as JSON."""
+    from ..errors import AtsDeployError
+
+    req = json.loads(Path(request).read_text())
+    try:
+        res = build_engine(
+            req["onnx"],
+            req["output"],
+            settings=BuildSettings.from_dict(req["settings"]),
+            manifest=req["manifest"],
+            cache_dir=req["cache_dir"],
+            use_cache=req["use_cache"],
+            verbose=req["verbose"],
+            isolate=False,
+        )
+        out: dict = {"result": res.to_dict()}
+    except AtsDeployError as exc:
+        out = {"error": {"type": type(exc).__name__, "message": str(exc)}}
+    tmp = Path(req["result"] + ".tmp")
+    tmp.write_text(json.dumps(out))
+    os.replace(tmp, req["result"])
 
 
 def _l4t_text() -> str | None:

@@ -39,6 +39,10 @@ def _read_file(path: Path, *, trust_pickle: bool) -> object:
     if not path.exists():
         raise InputError(f"checkpoint {path} does not exist; pass the path of a .pt/.pth/.safetensors file")
     if path.is_dir():
+        from ..artifacts import file_kind, wrong_kind
+
+        if file_kind(path) == "export-dir":
+            raise wrong_kind(path, "checkpoint", "export-dir")
         raise InputError(f"checkpoint {path} is a directory; pass the checkpoint file inside it")
     try:
         with open(path, "rb") as fh:
@@ -47,8 +51,13 @@ def _read_file(path: Path, *, trust_pickle: bool) -> object:
         raise InputError(f"cannot read checkpoint {path}: {exc.strerror}; check the path and its permissions") from None
     if not head:
         raise CheckpointError(f"checkpoint {path} is empty; re-download or re-save it")
-    if path.suffix == ".safetensors":
+    from ..artifacts import file_kind, wrong_kind
+
+    kind = file_kind(path)
+    if kind == "safetensors" or (path.suffix == ".safetensors" and kind == "unknown"):
         return _read_safetensors(path)
+    if kind not in ("torch-zip", "pickle", "unknown"):  # ONNX, .npz, a plan...: no unpickling, no --trust-pickle
+        raise wrong_kind(path, "checkpoint", kind)
     import pickle
 
     import torch
@@ -59,6 +68,11 @@ def _read_file(path: Path, *, trust_pickle: bool) -> object:
         if trust_pickle:
             raise CheckpointError(
                 f"checkpoint {path} cannot be unpickled ({exc}); re-save it with torch.save"
+            ) from None
+        if kind == "unknown":  # not a pickle at all: --trust-pickle would not help
+            raise CheckpointError(
+                f"{path} is not a PyTorch checkpoint or .safetensors file (unknown format); "
+                "pass a .pt/.pth/.safetensors checkpoint"
             ) from None
         raise CheckpointError(
             f"checkpoint {path} contains pickled code or objects, not only tensors; "

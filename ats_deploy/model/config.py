@@ -109,8 +109,11 @@ class ATSConfig:
         return {"blocks": list(self.blocks), "k_schedule": list(self.k_schedule), "shape_mode": self.shape_mode}
 
 
-def parse_int_list(text: str | int | list | tuple | None, *, what: str) -> tuple[int, ...] | None:
-    """Parse "3,4,5" / "3-11" / 197 / [3, 4] into a tuple of ints; None stays None."""
+def parse_int_list(
+    text: str | int | list | tuple | None, *, what: str, example: str = "3,4,5 or 3-11"
+) -> tuple[int, ...] | None:
+    """Parse "3,4,5" / "3-11" / 197 / [3, 4] into a tuple of ints; None stays None. ``example`` is what the
+    error message suggests (a value that makes sense for ``what``)."""
     if text is None:
         return None
     if isinstance(text, int):
@@ -128,7 +131,7 @@ def parse_int_list(text: str | int | list | tuple | None, *, what: str) -> tuple
             else:
                 out.append(int(part))
         except ValueError:
-            raise ConfigError(f"{what} {text!r} is not a comma list of integers; write it like 3,4,5 or 3-11") from None
+            raise ConfigError(f"{what} {text!r} is not a comma list of integers; write it like {example}") from None
     return tuple(out)
 
 
@@ -153,7 +156,7 @@ def resolve_ats(
             f"--ats-blocks {bad} out of range: this model has blocks 0..{cfg.depth - 1}; pick blocks in that range"
         )
     blk = tuple(sorted(blk))
-    ks = parse_int_list(max_k, what="--max-k")
+    ks = parse_int_list(max_k, what="--max-k", example="99 (every ATS block) or 120,110,100 (one per block)")
     if ks is None:
         ks = (cfg.n_ref,) * len(blk)
     elif len(ks) == 1:

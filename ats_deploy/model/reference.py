@@ -26,7 +26,20 @@ import numpy as np
 # nan can leak into a graph.
 BIG = 1.0e30
 
-__all__ = ["BIG", "SelectionDetail", "grid_size", "output_slots", "select_one", "select_reference", "near_boundary"]
+# Key prefix of the per-image near-boundary flags a reference carries beside its outputs: NEAR_BOUNDARY +
+# block index -> bool [B] (see near_boundary below; stored in reference.npz, read by every parity check).
+NEAR_BOUNDARY = "near_boundary_"
+
+__all__ = [
+    "BIG",
+    "NEAR_BOUNDARY",
+    "SelectionDetail",
+    "grid_size",
+    "output_slots",
+    "select_one",
+    "select_reference",
+    "near_boundary",
+]
 
 
 def grid_size(k_max: int, n_ref: int) -> int:

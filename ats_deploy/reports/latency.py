@@ -24,8 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from .._json import json_default
 from ..errors import ConfigError, DependencyError, GateFailed, InputError
 from ..model.checkpoints import LoadedCheckpoint
 from ..model.config import ATSConfig
+from ..progress import progress_bar
 from ..runtime.base import Runner
 from ..runtime.ort_runner import OrtRunner
 from .flops import CONVENTION, gflops_per_image, model_flops, slots_per_block
@@ -128,25 +128,6 @@ def measure_interleaved(
     return out
 
 
-@contextmanager
-def progress_bar(enabled: bool, total: int, description: str) -> Iterator[Callable[..., None]]:
-    """A rich progress bar on stderr; yields ``advance(n=1, description=None)`` (a no-op when disabled)."""
-    if not enabled:
-        yield lambda n=1, description=None: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*cols, console=Console(stderr=True), transient=True) as prog:
-        task = prog.add_task(description, total=total)
-
-        def advance(n: int = 1, description: str | None = None) -> None:
-            prog.update(task, advance=n, **({"description": description} if description else {}))
-
-        yield advance
-
-
 # -- backends -------------------------------------------------------------------------------------------
 def _torch_cuda_available() -> bool:
     try:
@@ -232,7 +213,8 @@ def trt_runner_factory(*, fp16: bool = True) -> Callable[..., Runner]:
         ) from None
     import atexit
 
-    from ..exporters.export import MANIFEST, build_manifest, preprocess_for, save_onnx, sha256_file
+    from ..artifacts import MANIFEST, save_onnx, sha256_file
+    from ..exporters.export import build_manifest, preprocess_for
     from ..exporters.onnx import GraphOptions
 
     root = Path(tempfile.mkdtemp(prefix="ats-deploy-trt-"))
@@ -355,9 +337,10 @@ class LatencyReport:
 
 
 def check_gate(rep: LatencyReport) -> None:
-    """Raise :class:`GateFailed` (CLI exit 3) when the latency gate of ``rep`` failed."""
+    """Raise :class:`GateFailed` (CLI exit 3) when the latency gate or the parity gate of ``rep`` failed."""
     if rep.gate_failures:
-        raise GateFailed("latency gate failed: " + "; ".join(rep.gate_failures))
+        what = "parity" if all(f.startswith("parity: ") for f in rep.gate_failures) else "latency"
+        raise GateFailed(f"{what} gate failed: " + "; ".join(rep.gate_failures))
 
 
 def _pad_to(x: np.ndarray, batch: int) -> np.ndarray:
@@ -385,9 +368,11 @@ def _token_stats(cfg, ats: ATSConfig, outs: Mapping[str, np.ndarray]) -> dict:
         counts = np.asarray(outs[f"count_{blk}"], dtype=np.int64)
         kp = counts - prefix
         n_in, n_out = slots[blk]
-        max_kp = n_out - prefix
-        width = max(1, -(-(max_kp + 1) // 24))
-        edges = np.arange(0, max_kp + width + 1, width)
+        # Bins over the K' actually seen (about 24, width >= 1), not over 0..slots: a late block keeping
+        # 30-40 of 196 tokens gets its own spread, not two bars squeezed at the left of a 0-200 axis.
+        lo, hi = int(kp.min()), int(kp.max())
+        width = max(1, -(-(hi - lo + 1) // 24))
+        edges = np.arange(lo, hi + width + 1, width)
         hist, _ = np.histogram(kp, bins=edges)
         blocks.append(
             {
@@ -428,36 +413,45 @@ def _flops(cfg, ats: ATSConfig, outs: Mapping[str, np.ndarray] | None) -> dict:
     return d
 
 
-def _reference(
-    backend_info: Mapping, ckpt: LoadedCheckpoint, ats: ATSConfig, pool: np.ndarray, export_dir: Path
-) -> tuple[str, np.ndarray, dict[str, np.ndarray]] | None:
-    """(label, inputs, reference outputs): PyTorch fp32 on CPU where torch exists, else reference.npz."""
+def _parity(
+    backend_info: Mapping,
+    factory: RunnerFactory,
+    ckpt: LoadedCheckpoint,
+    ats: ATSConfig,
+    pool: np.ndarray,
+    export_dir: Path,
+    batch: int | None,
+    advance,
+) -> dict:
+    """The parity section, from the one parity engine (:mod:`.parity`): the backend's ATS model against the
+    PyTorch fp32 CPU reference with near-boundary flags, both in chunks of the export's graph batch (the
+    chunks ``ats-deploy parity`` uses), on the report's inputs; reference.npz where torch is absent or is
+    the backend itself."""
+    from .parity import compare_outputs, reference_outputs, run_chunks, tolerances_for
+
     self_ref = backend_info.get("name") == "torch" and backend_info.get("device") == "cpu"
+    ref = None
     if not self_ref:
         try:
-            from ..runtime.torch_runner import TorchRunner
-
-            with TorchRunner(ckpt, ats) as tr:
-                return "torch (cpu, fp32)", pool, tr.infer({"pixels": pool})
+            ref = reference_outputs(ckpt, ats, pool, batch=batch, advance=advance)
+            label, x = "torch (cpu, fp32)", pool
         except ImportError:
-            pass
-    npz = export_dir / "reference.npz"
-    if npz.exists():
-        with np.load(npz) as z:
-            data = {k: z[k] for k in z.files}
-        x = data.pop("pixels")
-        return "reference.npz (PyTorch outputs saved at export)", x, data
-    return None
-
-
-def _load_export(out_dir: Path, model, trust_pickle: bool):
-    from ..exporters.export import checkpoint_from_manifest, read_manifest
-
-    man = read_manifest(out_dir)
-    a = man["ats"]
-    ats = ATSConfig(blocks=tuple(a["blocks"]), k_schedule=tuple(a["k_schedule"]), shape_mode=a["shape_mode"])
-    ckpt = checkpoint_from_manifest(man, model=model, trust_pickle=trust_pickle)
-    return man, ats, ckpt
+            ref = None
+    if ref is None:
+        npz = export_dir / "reference.npz"
+        if not npz.exists():
+            return {"reference": None, "skipped": "no reference: torch and reference.npz are absent"}
+        with np.load(npz, allow_pickle=False) as z:
+            ref = {k: z[k] for k in z.files}
+        label, x = "reference.npz (PyTorch outputs saved at export)", ref.pop("pixels")
+    runner = factory(ats, batch or len(x))
+    try:
+        got = run_chunks(runner, x, batch, advance=advance)
+    finally:
+        runner.close()
+    tol = tolerances_for(backend_info.get("precision"))
+    res = compare_outputs(ref, got, blocks=ats.blocks, prefix_tokens=ckpt.config.num_prefix_tokens, tolerances=tol)
+    return {"reference": label, "precision": backend_info.get("precision"), "batch": batch, **res.to_dict()}
 
 
 def report(
@@ -479,6 +473,7 @@ def report(
     plots: bool = True,
     progress: bool = True,
     seed: int = 0,
+    skip_unreadable: bool = False,
 ) -> LatencyReport:
     """Measure the export's ATS model against its dense twin on ``backend``; write report.{json,md} + PNGs.
 
@@ -489,8 +484,9 @@ def report(
     written, then :class:`GateFailed` is raised (exit 3) unless ``raise_on_gate`` is False (then call
     :func:`check_gate` yourself).
     """
-    from ..calibration.data import Preprocess, default_inputs, load_inputs
-    from .parity import TOLERANCES, compare_outputs
+    from ..artifacts import read_manifest
+    from ..exported import ats_from_manifest, checkpoint_from_manifest
+    from ..inputs import Preprocess, default_inputs, load_inputs
 
     export_dir = Path(out_dir)
     bs = sorted({int(b) for b in batches})
@@ -500,13 +496,14 @@ def report(
         raise ConfigError(f"reps {reps} must be >= 1 and warmup {warmup} >= 0")
     if max_slowdown is not None and not max_slowdown > 0:
         raise ConfigError(f"max slowdown {max_slowdown} must be a positive factor such as 1.02")
-    man, ats, ckpt = _load_export(export_dir, model, trust_pickle)
+    man = read_manifest(export_dir)
+    ats, ckpt = ats_from_manifest(man), checkpoint_from_manifest(man, model=model, trust_pickle=trust_pickle)
     if not ats.enabled:
         raise InputError(f"{export_dir} holds a dense export (no ATS blocks); export with ATS to compare")
     cfg = ckpt.config
     pre = Preprocess.from_dict(man["preprocessing"])
     if inputs is not None:
-        pool, pool_label = load_inputs(inputs, pre)[0], str(inputs)
+        pool, pool_label = load_inputs(inputs, pre, skip_unreadable=skip_unreadable)[0], str(inputs)
     else:
         pool, pool_label = default_inputs(man["model"].get("source"), images or bs[-1], pre, seed=seed)
     onnx_path = export_dir / "model.onnx"
@@ -533,22 +530,15 @@ def report(
                 samples = measure_interleaved(timers, warmup=warmup, reps=reps, advance=advance)
                 info["precision"] = getattr(runners["ats"], "precision", info["precision"])
                 if b == bs[-1]:
-                    advance(0, description="tokens and parity")
+                    advance(0, description="token statistics")
                     pool_outs = _run_padded(runners["ats"], pool, b)
-                    ref = _reference(info, ckpt, ats, pool, export_dir)
-                    if ref is not None:
-                        label, rx, rout = ref
-                        got = pool_outs if rx is pool else _run_padded(runners["ats"], rx, b)
-                        tol = TOLERANCES.get(info["precision"], TOLERANCES["default"])
-                        res = compare_outputs(
-                            rout, got, blocks=ats.blocks, prefix_tokens=cfg.num_prefix_tokens, tolerances=tol
-                        )
-                        parity = {"reference": label, "precision": info["precision"], **res.to_dict()}
             finally:
                 for r in runners.values():
                     r.close()
             a, d = summarize(samples["ats"], b), summarize(samples["dense"], b)
             rows.append({"batch": b, "ats": a, "dense": d, "ratio_p50": a["p50_ms"] / d["p50_ms"]})
+    with progress_bar(progress, 2 * len(pool), f"parity on {len(pool)} inputs") as advance:
+        parity = _parity(info, factory, ckpt, ats, pool, export_dir, man["graph"].get("batch"), advance)
     info["timer"] = timer_name
     failures = []
     if max_slowdown is not None:
@@ -580,7 +570,7 @@ def report(
         "latency": rows,
         "tokens": _token_stats(cfg, ats, pool_outs) if pool_outs is not None else None,
         "flops": _flops(cfg, ats, pool_outs),
-        "parity": parity or {"reference": None, "skipped": "no reference: torch and reference.npz are absent"},
+        "parity": parity,
         "gate": {"max_slowdown": max_slowdown, "passed": not failures, "failures": failures},
         "environment": environment(info),
         "seconds": time.perf_counter() - t_start,
@@ -588,6 +578,7 @@ def report(
         "warnings": [],
     }
     files = _write(Path(out) if out is not None else export_dir / "report", data, plots=plots)
+    failures += [f"parity: {f}" for f in parity.get("failures", [])]
     rep = LatencyReport(Path(out) if out is not None else export_dir / "report", data, files, tuple(failures))
     if raise_on_gate:
         check_gate(rep)
@@ -596,7 +587,7 @@ def report(
 
 def _write(out: Path, data: dict, *, plots: bool) -> tuple[str, ...]:
     """report.json, the PNGs and report.md, all renamed into place together."""
-    from ..exporters.export import AtomicWriter
+    from ..artifacts import AtomicWriter
     from .render import render_markdown, render_plots
 
     with AtomicWriter(out) as w:

@@ -1,7 +1,16 @@
 """Compare two backends' outputs: logits error, top-1 agreement, exact kept-set agreement, K' statistics.
 
-Tolerances live here (the library owns them, like Polygraphy's per-output tolerances with a default
-key), so the CLI, the tests and the on-device verify gate on the same numbers.
+This is the one parity engine of ats-deploy: ``export``, ``parity``, ``report`` and ``verify`` all judge
+with :func:`compare_outputs` and the :data:`TOLERANCES` of the precision (the library owns them, like
+Polygraphy's per-output tolerances with a default key), and the ones that run PyTorch get its outputs
+from :func:`reference_outputs`: fp32 on the CPU with the near-boundary flags, **in the same chunks as the
+candidate** (the graph's batch). Same inputs, same verdict, exit 3 on failure everywhere.
+
+Batch independence: no image's selection depends on another image's content (every reduction of the
+rule is per image). What does depend on the batch is float rounding: a CPU GEMM over 64 images blocks
+its loops differently from 64 single-image GEMMs, so attention scores can differ in the last bits, and a
+near-tied pick can flip. Such a flip is at a near-boundary pick by construction, which is what the rule
+below excuses; running the reference in the candidate's chunks keeps it from arising in the first place.
 
 Near-boundary picks: SPEC.md lets implementations decide differently where the float64 rule itself is
 within 1e-5 of a decision (a grid point on a CDF step, near-tied scores). When the reference carries
@@ -18,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..model.reference import NEAR_BOUNDARY
+
 __all__ = [
     "Tolerances",
     "BlockStats",
@@ -26,9 +37,10 @@ __all__ = [
     "format_parity",
     "TOLERANCES",
     "NEAR_BOUNDARY",
+    "reference_outputs",
+    "run_chunks",
+    "tolerances_for",
 ]
-
-NEAR_BOUNDARY = "near_boundary_"  # + block: the reference's per-image near-boundary flags, bool [B]
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,40 @@ class ParityResult:
         d = asdict(self)
         d["passed"] = self.passed
         return d
+
+
+def tolerances_for(precision: str | None) -> Tolerances:
+    """The gates of ``precision`` (fp32 for unknown ones)."""
+    return TOLERANCES.get(precision or "fp32", TOLERANCES["default"])
+
+
+def run_chunks(runner, x: np.ndarray, batch: int | None, *, advance=None) -> dict[str, np.ndarray]:
+    """``x`` through ``runner`` in chunks of ``batch`` (None: all at once), stacked; ``advance(n)`` after
+    each chunk (progress). The last chunk is padded with repeats of its first image and trimmed back, so
+    any number of inputs runs through a static-batch graph and every image sees a full chunk."""
+    from ..runtime.ort_runner import stack_outputs
+
+    n = len(x)
+    step = n if batch is None or batch <= 0 else batch
+    parts = []
+    for i in range(0, n, step):
+        chunk = x[i : i + step]
+        if len(chunk) < step:
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], step - len(chunk), axis=0)])
+        parts.append(runner.infer({"pixels": chunk}))
+        if advance is not None:
+            advance(min(step, n - i))
+    out = stack_outputs(parts) if len(parts) > 1 else parts[0]
+    return {k: v[:n] for k, v in out.items()}
+
+
+def reference_outputs(ckpt, ats, x: np.ndarray, *, batch: int | None, advance=None) -> dict[str, np.ndarray]:
+    """PyTorch fp32 (CPU) outputs of ``x`` with the ``near_boundary_<block>`` flags, run in chunks of
+    ``batch``: the chunks the candidate runs in, so both see the same GEMM shapes."""
+    from ..runtime.torch_runner import TorchRunner
+
+    with TorchRunner(ckpt, ats, boundary=True) as tr:
+        return run_chunks(tr, x, batch, advance=advance)
 
 
 def _kept_lists(tokens: np.ndarray, counts: np.ndarray) -> list[tuple[int, ...]]:
@@ -234,44 +280,6 @@ def format_parity(res: ParityResult, *, title: str = "parity") -> str:
     return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class ExportSetup:
-    """What a parity run needs from an export directory: manifest, inputs, ATS config and weights."""
-
-    manifest: dict
-    pixels: np.ndarray
-    label: str
-    batch: int | None
-    ats: object  # ATSConfig (kept untyped here so this module imports without the model package)
-    checkpoint: object  # LoadedCheckpoint
-    prefix_tokens: int
-    labels: np.ndarray | None = None  # true classes of the first inputs, where known (generated images)
-
-
-def load_export_setup(out_dir, *, inputs=None, count: int = 16, seed: int = 1, model=None, trust_pickle=False):
-    """Manifest, held-out inputs (``inputs``, or ``count`` of :func:`default_inputs`, padded to whole static
-    batches), ATS config and the exported weights of an export directory."""
-    from ..calibration.data import Preprocess, default_inputs, input_labels, load_inputs
-    from ..exporters.export import checkpoint_from_manifest, read_manifest
-    from ..model.config import ATSConfig
-
-    man = read_manifest(out_dir)
-    pre = Preprocess.from_dict(man["preprocessing"])
-    if inputs is not None:
-        x, _ = load_inputs(inputs, pre)
-        label = f"{len(x)} inputs from {inputs}"
-    else:
-        x, label = default_inputs(man["model"].get("source"), count, pre, seed=seed)
-    labels = input_labels(inputs, man["model"].get("source"), len(x))
-    batch = man["graph"]["batch"]
-    if batch and len(x) % batch:
-        x = np.concatenate([x, x[: batch - len(x) % batch]])  # pad with repeats to whole batches
-    a = man["ats"]
-    ats = ATSConfig(blocks=tuple(a["blocks"]), k_schedule=tuple(a["k_schedule"]), shape_mode=a["shape_mode"])
-    ck = checkpoint_from_manifest(man, model=model, trust_pickle=trust_pickle)
-    return ExportSetup(man, x, label, batch, ats, ck, int(a.get("prefix_tokens", 1)), labels)
-
-
 def run_parity(
     out_dir,
     *,
@@ -280,27 +288,30 @@ def run_parity(
     model=None,
     trust_pickle: bool = False,
     seed: int = 1,
+    skip_unreadable: bool = False,
+    progress: bool = False,
 ) -> tuple[ParityResult, dict]:
-    """PyTorch vs ONNX Runtime on an export directory (random inputs unless ``inputs`` is given)."""
-    from pathlib import Path
+    """PyTorch vs ONNX Runtime on an export directory (default inputs unless ``inputs`` is given), both
+    in chunks of the graph's batch."""
+    from ..exported import checked_artifact, load_export_setup
+    from ..progress import progress_bar
+    from ..runtime.ort_runner import OrtRunner
 
-    from ..errors import InputError
-    from ..exporters.export import read_manifest, sha256_file
-    from ..runtime.ort_runner import OrtRunner, run_batched
-    from ..runtime.torch_runner import TorchRunner
-
-    out = Path(out_dir)
-    man = read_manifest(out)
-    onnx_path = out / "model.onnx"
-    if not onnx_path.exists():
-        raise InputError(f"{onnx_path} is missing; re-run ats-deploy export -o {out}")
-    want = man["artifacts"].get("model.onnx", {}).get("sha256")
-    if want and sha256_file(onnx_path) != want:
-        raise InputError(f"{onnx_path} does not match its manifest (sha256); re-run ats-deploy export -o {out}")
-    st = load_export_setup(out, inputs=inputs, count=count, seed=seed, model=model, trust_pickle=trust_pickle)
-    with TorchRunner(st.checkpoint, st.ats, boundary=True) as tr:
-        ref = run_batched(tr, st.pixels, st.batch)
-    with OrtRunner(onnx_path) as orr:
-        got = run_batched(orr, st.pixels, st.batch)
+    st = load_export_setup(
+        out_dir,
+        inputs=inputs,
+        count=count,
+        seed=seed,
+        model=model,
+        trust_pickle=trust_pickle,
+        skip_unreadable=skip_unreadable,
+    )
+    onnx_path = checked_artifact(out_dir, "model.onnx", st.manifest)
+    n = len(st.pixels)
+    with progress_bar(progress, 2 * n, f"parity: PyTorch on {n} inputs") as advance:
+        ref = reference_outputs(st.checkpoint, st.ats, st.pixels, batch=st.batch, advance=advance)
+        advance(0, description=f"parity: ONNX Runtime on {n} inputs")
+        with OrtRunner(onnx_path) as orr:
+            got = run_chunks(orr, st.pixels, st.batch, advance=advance)
     res = compare_outputs(ref, got, blocks=st.ats.blocks, prefix_tokens=st.prefix_tokens, labels=st.labels)
     return res, {"inputs": st.label, "backend": "onnxruntime", "reference": "torch", "onnx": str(onnx_path)}

@@ -91,7 +91,10 @@ def render_plots(data: dict, path_for: Callable[[str], Path]) -> list[str]:
             edges, counts = b["hist"]["edges"], b["hist"]["counts"]
             ax.stairs(counts, edges, fill=True, alpha=0.7)
             ax.axvline(b["kept_mean"], color="k", linewidth=0.8)
+            ax.set_xlim(edges[0], edges[-1])
             ax.set_title(f"block {b['block']} (K={b['k']})", fontsize=8)
+            ax.set_xlabel("K' (patch tokens kept)", fontsize=7)
+            ax.set_ylabel("images", fontsize=7)
             ax.tick_params(labelsize=7)
         for ax in list(axes.flat)[len(blocks) :]:
             ax.set_visible(False)

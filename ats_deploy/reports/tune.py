@@ -270,7 +270,8 @@ def _source(source, model, trust_pickle: bool, ats_blocks) -> tuple[LoadedCheckp
     if isinstance(source, LoadedCheckpoint):
         ats = resolve_ats(source.config, blocks=ats_blocks)
         return source, ats.blocks, 17
-    from ..exporters.export import checkpoint_from_manifest, read_manifest
+    from ..artifacts import read_manifest
+    from ..exported import checkpoint_from_manifest
 
     man = read_manifest(Path(source))
     ckpt = checkpoint_from_manifest(man, model=model, trust_pickle=trust_pickle)
@@ -337,8 +338,8 @@ def tune_k(
         raise ConfigError(f"stack depth {stack_depth} must be in 1..{cfg.depth}")
     if not 2 <= k_min <= cfg.n_ref:
         raise ConfigError(f"k_min {k_min} must be in 2..{cfg.n_ref}")
-    from ..calibration.data import random_inputs
     from ..exporters.export import preprocess_for
+    from ..inputs import random_inputs
 
     full, info = make_factory(backend, ckpt, opset=opset, threads=threads, fp16=fp16)
     stack = _stack_factory(backend, ckpt, opset=opset, threads=threads, fp16=fp16)

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..model.checkpoints import LoadedCheckpoint
 from ..model.config import ATSConfig
-from ..reports.parity import NEAR_BOUNDARY
+from ..model.reference import NEAR_BOUNDARY
 from .base import Runner, check_pixels
 
 __all__ = ["TorchRunner"]

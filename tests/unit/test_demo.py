@@ -78,7 +78,7 @@ def test_objects_are_small_and_inside_the_image():
 
 
 def test_write_samples_writes_pngs_that_the_input_loader_reads(tmp_path):
-    from ats_deploy.calibration.data import Preprocess, load_images
+    from ats_deploy.inputs import Preprocess, load_images
 
     paths = write_samples(tmp_path, 4, seed=HELDOUT_SEED, size=64)
     assert [p.name.split("_", 1)[1][:-4] in CLASSES for p in paths] == [True] * 4

@@ -42,7 +42,7 @@ def shipped(tmp_path, monkeypatch):
 
 
 def test_export_uses_the_shipped_demo_weights_and_heldout_images(tmp_path, shipped):
-    from ats_deploy.calibration.data import Preprocess, load_inputs
+    from ats_deploy.inputs import Preprocess, load_inputs
 
     path, digest = shipped
     out = tmp_path / "o"

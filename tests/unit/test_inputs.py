@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ats_deploy.calibration.data import Preprocess, default_inputs, load_inputs, random_inputs
 from ats_deploy.demo.shapes import HELDOUT_SEED, TRAIN_SEED, ShapesDataset
 from ats_deploy.errors import InputError
+from ats_deploy.inputs import Preprocess, default_inputs, load_inputs, random_inputs
 
 PRE = Preprocess(size=32)
 

@@ -9,7 +9,6 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from ats_deploy.calibration.data import Preprocess, load_inputs
 from ats_deploy.calibration.fp16 import convert_to_fp16, fp16_violations
 from ats_deploy.calibration.int8 import (
     CalibrationSettings,
@@ -22,6 +21,7 @@ from ats_deploy.calibration.precision import compare_precision, is_ats_node, lin
 from ats_deploy.errors import InputError
 from ats_deploy.exporters.convert import plugin_to_portable
 from ats_deploy.exporters.onnx import GraphOptions, build_graph
+from ats_deploy.inputs import Preprocess, load_inputs
 from ats_deploy.model.config import resolve_ats
 from ats_deploy.model.vit import MASK_VALUE
 from ats_deploy.runtime.ort_runner import OrtRunner
@@ -292,8 +292,8 @@ def test_embedded_default_precision_figures(tmp_path):
     """fp16 and int8 against the fp32 PyTorch model on the embedded default. Its weights are UNTRAINED:
     logit margins are tiny and ATS picks flip under any rounding, so top-1 agreement is printed, not gated
     (measured: fp16 ~70-80%, int8 ~30-50%); the logits must still point the same way."""
-    from ats_deploy.calibration.data import random_inputs
     from ats_deploy.calibration.precision import format_precision_parity
+    from ats_deploy.inputs import random_inputs
     from ats_deploy.model.default import default_checkpoint
 
     ck = default_checkpoint()

@@ -12,12 +12,13 @@ preprocessed float arrays [N, 3, H, W] or [3, H, W].
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from .errors import InputError
 
 __all__ = [
     "Preprocess",
@@ -71,6 +72,10 @@ class Preprocess:
         )
 
 
+class UnreadableImage(Exception):
+    """Internal: why one image file could not be decoded (turned into an InputError by the callers)."""
+
+
 def _image_to_array(path: Path, pre: Preprocess) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
@@ -92,23 +97,41 @@ def _image_to_array(path: Path, pre: Preprocess) -> np.ndarray:
             left, top = (new[0] - pre.size) // 2, (new[1] - pre.size) // 2
             im = im.crop((left, top, left + pre.size, top + pre.size))
             arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError):
-        return None  # type: ignore[return-value]
+    except UnidentifiedImageError:
+        raise UnreadableImage("not an image") from None
+    except (OSError, ValueError) as exc:
+        raise UnreadableImage((str(exc).splitlines() or [type(exc).__name__])[0][:60]) from None
     arr = (arr - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
     return arr.transpose(2, 0, 1)
 
 
-def load_images(folder: Path, pre: Preprocess, *, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
-    """All readable images in ``folder`` (sorted by name), preprocessed; unreadable files are skipped."""
+def load_images(
+    folder: Path, pre: Preprocess, *, limit: int | None = None, skip_unreadable: bool = False
+) -> tuple[np.ndarray, list[str]]:
+    """All images in ``folder`` (sorted by name), preprocessed.
+
+    An unreadable file (corrupt, truncated, not an image) is an InputError naming every such file, so a
+    check never silently runs on fewer inputs than the folder holds; ``skip_unreadable=True`` skips them
+    with one warning line per file on stderr instead.
+    """
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    arrays, names = [], []
+    arrays, names, bad = [], [], []
     for f in files:
-        a = _image_to_array(f, pre)
-        if a is not None:
-            arrays.append(a)
+        try:
+            arrays.append(_image_to_array(f, pre))
             names.append(f.name)
+        except UnreadableImage as exc:
+            bad.append(f"{f.name} ({exc})")
         if limit and len(arrays) >= limit:
             break
+    if bad and not skip_unreadable:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise InputError(
+            f"{len(bad)} unreadable image(s) in {folder}: {', '.join(bad[:3])}{more}; "
+            "fix or remove them, or pass --skip-unreadable to leave them out"
+        )
+    for b in bad:
+        print(f"warning: skipped unreadable image {folder / b}", file=sys.stderr)
     if not arrays:
         raise InputError(
             f"no readable image in {folder} (looked for {', '.join(IMAGE_SUFFIXES)}); "
@@ -133,12 +156,15 @@ def load_npy(path: Path, pre: Preprocess) -> np.ndarray:
         )
     if not np.issubdtype(arr.dtype, np.floating):
         raise InputError(f"{path} has dtype {arr.dtype}; pass normalised floating-point pixels (float32)")
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise InputError(f"{path} holds {bad} NaN/inf value(s); pass finite, normalised pixels")
     return arr.astype(np.float32)
 
 
 def load_shapes(spec: str, pre: Preprocess, *, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
     """``shapes:heldout:N`` / ``shapes:train:N`` / ``shapes:N`` (held-out) -> N demo images, preprocessed."""
-    from ..demo.shapes import HELDOUT_SEED, TRAIN_SEED, ShapesDataset
+    from .demo.shapes import HELDOUT_SEED, TRAIN_SEED, ShapesDataset
 
     parts = spec[len(SHAPES_PREFIX) :].split(":")
     split, count = ("heldout", parts[0]) if len(parts) == 1 else (parts[0], parts[-1])
@@ -153,9 +179,11 @@ def load_shapes(spec: str, pre: Preprocess, *, limit: int | None = None) -> tupl
     return x, [f"shapes:{split}[{i}]" for i in range(n)]
 
 
-def load_inputs(path: str | Path, pre: Preprocess, *, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
+def load_inputs(
+    path: str | Path, pre: Preprocess, *, limit: int | None = None, skip_unreadable: bool = False
+) -> tuple[np.ndarray, list[str]]:
     """Inputs from an image folder, a folder of .npy files, a single .npy file, a single image, or a
-    ``shapes:...`` spec (generated demo images)."""
+    ``shapes:...`` spec (generated demo images). Unreadable images: see :func:`load_images`."""
     if str(path).startswith(SHAPES_PREFIX) and not Path(path).exists():
         return load_shapes(str(path), pre, limit=limit)
     p = Path(path)
@@ -165,9 +193,12 @@ def load_inputs(path: str | Path, pre: Preprocess, *, limit: int | None = None) 
         if p.suffix == ".npy":
             arr = load_npy(p, pre)
             return arr[:limit] if limit else arr, [f"{p.name}[{i}]" for i in range(len(arr))][: limit or None]
-        a = _image_to_array(p, pre)
-        if a is None:
-            raise InputError(f"{p} is not a readable image or .npy file; pass PNG/JPEG or a .npy array")
+        try:
+            a = _image_to_array(p, pre)
+        except UnreadableImage as exc:
+            raise InputError(
+                f"{p} is not a readable image or .npy file ({exc}); pass PNG/JPEG or a .npy array"
+            ) from None
         return a[None], [p.name]
     npys = sorted(p.glob("*.npy"))
     if npys:
@@ -175,7 +206,7 @@ def load_inputs(path: str | Path, pre: Preprocess, *, limit: int | None = None) 
         names = [f"{f.name}[{i}]" for f, a in zip(npys, arrs) for i in range(len(a))]
         arr = np.concatenate(arrs)
         return (arr[:limit], names[:limit]) if limit else (arr, names)
-    return load_images(p, pre, limit=limit)
+    return load_images(p, pre, limit=limit, skip_unreadable=skip_unreadable)
 
 
 def default_inputs(source: dict | None, n: int, pre: Preprocess, *, seed: int = 0) -> tuple[np.ndarray, str]:
