@@ -1,6 +1,6 @@
 """What goes to the Jetson: one .tar.gz with the ONNX forms, plugin sources, manifest, reference and steps.
 
-Engines are not portable (SPEC.md section 5), so the bundle carries what the Jetson needs to build them
+Engines are not portable (docs/ATS_RULE.md section 5), so the bundle carries what the Jetson needs to build them
 itself: every ONNX form of the export (portable, plugin, fp16/int8 forms when present), any INT8 scale files,
 ``manifest.json``, ``reference.npz`` (parity without torch), the plugin's C++/CUDA sources
 (``plugins/ats_sampler``), a generated README with the exact commands for JetPack 6.1/6.2 (TensorRT 10.3,

@@ -4,7 +4,7 @@ One build function serves the Jetson (real TensorRT, JetPack 6.1+) and CI (Tenso
 machine): ``backend="tensorrt"`` (module ``tensorrt``) or ``backend="rtx"`` (module ``tensorrt_rtx``), or the
 environment variable ``ATS_DEPLOY_TENSORRT=rtx``. Networks are always strongly typed: the precision is a
 label read from the ONNX (an fp16 graph builds an fp16 engine, Q/DQ nodes an int8 one), never a builder
-flag, because TensorRT 11 removed weak typing (SPEC.md section 5).
+flag, because TensorRT 11 removed weak typing (docs/ATS_RULE.md section 5).
 
 What a build writes, atomically (temporary name + ``os.replace``): ``<name>.plan`` and next to it
 ``<name>.plan.json``, the record a runner checks before loading (TensorRT and CUDA versions, GPU name and
@@ -210,7 +210,7 @@ def jetpack_name(l4t: tuple[int, int]) -> str:
 
 
 def check_platform(version: str, *, backend: str = "tensorrt", l4t: tuple[int, int] | None = None) -> None:
-    """Refuse TensorRT/JetPack releases that cannot host an IPluginV3 plugin (SPEC.md section 5)."""
+    """Refuse TensorRT/JetPack releases that cannot host an IPluginV3 plugin (docs/ATS_RULE.md section 5)."""
     if backend == "rtx":
         return  # every TensorRT-RTX release has IPluginV3 and size tensors
     v = _version_tuple(version)
