@@ -280,13 +280,18 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def load_plugin_library(trt: ModuleType, path: str | os.PathLike[str], *, how: PluginLoad = "auto") -> str:
+def load_plugin_library(trt: ModuleType, path: str | os.PathLike[str] | None, *, how: PluginLoad = "auto") -> str:
     """Load the sampler plugin library and check that its creator is registered; returns how it loaded.
 
     ``dlopen``: ``ctypes.CDLL(path, RTLD_GLOBAL)``, for the default self-registering build (the creator
     registers itself under namespace ``ats`` at load time). ``registry``: ``load_library`` (TensorRT calls the
     library's ``getCreators``), for a ``-DATS_SELF_REGISTER=OFF`` build. ``auto`` tries dlopen, then registry.
     """
+    if not path:  # a plugin-form engine whose record, option and environment all lack the library
+        raise DependencyError(
+            f"this engine needs the sampler plugin library and none was given; pass --plugin-lib "
+            f"build/ats_sampler/libats_sampler.so (from `ats-deploy plugin build`) or set ${PLUGIN_ENV}"
+        )
     lib = Path(path).expanduser()
     if not lib.is_file():
         raise DependencyError(
