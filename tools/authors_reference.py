@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the ATS authors' own model on our seeded checkpoints and record what it keeps (a developer tool).
 
-Why: SPEC.md section 2 says the authors' code (github.com/adaptivetokensampling/ATS, at batch size 1,
+Why: docs/ATS_RULE.md section 2 says the authors' code (github.com/adaptivetokensampling/ATS, at batch size 1,
 DROP_TOKENS on) is the reference for which tokens ATS keeps. This tool runs THEIR ``ViT`` on weights made by
 our ``default_checkpoint`` (saved in their ``{"model": state_dict}`` format) and writes, per image and per
 ATS block, the ORIGINAL token ids they keep, in their output order, plus their logits for the first images.
@@ -42,7 +42,7 @@ blocks = 540 pairs) matches our model exactly, logits within 1.1e-5. A one-off r
 (4,442 comparable pairs) differed in 12 (0.27%), every one near a boundary by ``reference.near_boundary``:
 11 with two patch scores tied to < 5e-6 relative (their order, and so the picks, swap), one with a grid point
 2e-7 (relative) from the midpoint of two neighbouring CDF values. That is their epsilon-smoothed softmax and
-normalise-before-cumsum arithmetic (SPEC.md section 2), not a rule difference.
+normalise-before-cumsum arithmetic (docs/ATS_RULE.md section 2), not a rule difference.
 """
 
 from __future__ import annotations

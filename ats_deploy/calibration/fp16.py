@@ -1,6 +1,6 @@
 """FP16 graph: a float32 export turned into float16, with the ATS score/CDF/sampler path kept float32.
 
-What TensorRT's strongly typed mode needs (SPEC.md section 5): the precision is in the graph. This pass
+What TensorRT's strongly typed mode needs (docs/ATS_RULE.md section 5): the precision is in the graph. This pass
 
 - converts every float tensor and initializer to float16, except the nodes named ``*/ats/*`` (score
   MatMul, Softmax, norms, TopK, CumSum, comparisons) and the ``ats::AdaptiveTokenSampler`` plugin node,

@@ -1,7 +1,7 @@
 """INT8 graph: post-training calibration on CPU and explicit QuantizeLinear/DequantizeLinear.
 
 TensorRT 11 has no INT8 calibrators and no INT8 builder flag: an INT8 engine is a strongly typed build of
-a graph that says where int8 is (SPEC.md section 5). The graph written here is the FP16 graph of
+a graph that says where int8 is (docs/ATS_RULE.md section 5). The graph written here is the FP16 graph of
 :mod:`.fp16` plus Q/DQ pairs on the inputs of the Linear MatMuls of the transformer blocks (qkv, proj,
 fc1, fc2) and nothing else:
 

@@ -1,7 +1,7 @@
 """Shared pieces of the precision passes (fp16.py, int8.py): graph facts, checks, and precision parity.
 
 TensorRT 11 builds strongly typed networks only, so the precision of every layer is decided here, in the
-ONNX graph, not by builder flags (SPEC.md section 5). Both passes rely on names the exporter guarantees:
+ONNX graph, not by builder flags (docs/ATS_RULE.md section 5). Both passes rely on names the exporter guarantees:
 nodes of the ATS score and sampler path are named ``blocks.<i>/ats/...`` (plugin nodes are also found by
 their ``ats`` domain), and a Linear layer is a MatMul whose second input is the initializer
 ``<timm name>.weight.T`` ([in, out]).

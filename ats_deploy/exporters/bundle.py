@@ -1,6 +1,6 @@
 """What goes to the Jetson: one .tar.gz with the ONNX forms, plugin sources, manifest, reference and steps.
 
-Engines are not portable (SPEC.md section 5), so the bundle carries what the Jetson needs to build them
+Engines are not portable (docs/ATS_RULE.md section 5), so the bundle carries what the Jetson needs to build them
 itself: every ONNX form of the export (portable, plugin, fp16/int8 forms when present), any INT8 scale files,
 ``manifest.json``, ``reference.npz`` (parity without torch), the plugin's C++/CUDA sources
 (``plugins/ats_sampler``), a generated README with the exact commands for JetPack 6.1/6.2 (TensorRT 10.3,
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ExportError, InputError
+from .polygraphy_io import INPUTS_FILE, OUTPUTS_FILE, polygraphy_command
 
 __all__ = ["BundleResult", "CLI_OPTIONS", "make_bundle", "render_readme"]
 
@@ -67,7 +68,7 @@ def _collect(out: Path) -> dict[str, Path]:
             continue
         if p.suffix == ".onnx" or p.name.endswith(".onnx.data") or _is_scales(p):
             files[p.name] = p
-        elif p.name in ("manifest.json", "reference.npz"):
+        elif p.name in ("manifest.json", "reference.npz", INPUTS_FILE, OUTPUTS_FILE):
             files[p.name] = p
     return files
 
@@ -230,6 +231,20 @@ def render_readme(man: dict, forms: list[dict], contents: list[str]) -> str:
     for f in forms:
         plug = f" --plugin-lib {PLUGIN_LIB}" if f["plugin"] else ""
         lines.append(f"ats-deploy verify {f['plan']} --reference reference.npz{plug}")
+    fp32 = [f for f in forms if f["precision"] == "fp32"]
+    if fp32 and INPUTS_FILE in contents:
+        lines += [
+            "```",
+            "",
+            f"The same check with NVIDIA's Polygraphy alone, from the same data (`{INPUTS_FILE}`, `{OUTPUTS_FILE}`):",
+            "the ONNX file on TensorRT (with the plugin library) or on ONNX Runtime. Polygraphy compares kept",
+            "tokens exactly, so an image whose pick sits on a decision boundary (docs/ATS_RULE.md section 2 of",
+            "ats-deploy) can fail there and still pass `ats-deploy verify`, which reports such images separately.",
+            "",
+            "```",
+        ]
+        for f in fp32:
+            lines.append(polygraphy_command(f["onnx"], plugin_lib=PLUGIN_LIB if f["plugin"] else None))
     shapes = f" --shapes=pixels:1x{chans}x{img}x{img}" if dyn_batch else ""
     graph_flag = " --useCudaGraph" if shape_mode == "static" else ""
     lines += ["```", "", "## 5. Benchmark", ""]

@@ -4,6 +4,8 @@ Artifacts of one export (all in the output directory):
 - ``model.onnx``: portable form (standard ONNX ops; runs in ONNX Runtime and any TensorRT >= 10.3),
 - ``model.plugin.onnx``: plugin form (``ats::AdaptiveTokenSampler`` nodes), with ``--sampler plugin``,
 - ``reference.npz``: inputs and PyTorch outputs, so parity can be proven later without torch (on a Jetson),
+- ``parity_inputs.json`` / ``reference_outputs.json``: the same inputs and outputs in Polygraphy's formats
+  (``polygraphy run ... --load-inputs/--load-outputs``; ``ats-deploy verify`` reads these too),
 - ``manifest.json``: architecture, ATS blocks, K schedule, n_ref, shape mode, preprocessing, opset,
   versions and the sha256 of every artifact.
 Every file is written under a temporary name and renamed into place only when all of them are done, so
@@ -155,6 +157,13 @@ def export_model(
             with open(p_ref, "wb") as fh:
                 np.savez_compressed(fh, pixels=x, **ref)
             files["reference.npz"] = sha256_file(p_ref)
+            # The same inputs and outputs in Polygraphy's formats (polygraphy run --load-inputs/--load-outputs).
+            from .polygraphy_io import INPUTS_FILE, OUTPUTS_FILE, write_parity_files
+
+            p_in, p_out = w.path(INPUTS_FILE), w.path(OUTPUTS_FILE)
+            dyn = ats.shape_mode == "dynamic"
+            write_parity_files(p_in, p_out, x, ref, batch=batch, dynamic_tokens=dyn)
+            files[INPUTS_FILE], files[OUTPUTS_FILE] = sha256_file(p_in), sha256_file(p_out)
         manifest = build_manifest(
             cfg, ats, opts, pre=pre, files=files, source=source or {"kind": "checkpoint", "path": ckpt.source}
         )

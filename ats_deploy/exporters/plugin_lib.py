@@ -6,7 +6,7 @@ TensorRT, and turns every missing piece into one :class:`~ats_deploy.errors.Depe
 what is missing and how to get it. No torch, no tensorrt import: stdlib and subprocess only, so it works in
 the bare Jetson environment.
 
-The identity constants below are the single Python source of the plugin contract (SPEC.md section 4); the
+The identity constants below are the single Python source of the plugin contract (docs/ATS_RULE.md section 4); the
 unit tests check that the C++ sources register exactly these.
 """
 

@@ -1,6 +1,6 @@
 """The sampler as ONNX: the portable subgraph of standard ops, or one ``ats::AdaptiveTokenSampler`` node.
 
-Both forms have the sampler contract's inputs and outputs (SPEC.md section 4): ``scores`` [B, n] float32,
+Both forms have the sampler contract's inputs and outputs (docs/ATS_RULE.md section 4): ``scores`` [B, n] float32,
 ``count_in`` [B] int32 -> ``indices`` [B, K_out] int32, ``count_out`` [B] int32; in the dynamic shape
 mode ``indices`` is [B, s] with s = max(count_out), and the plugin node has a third output, the 0-D int64
 size tensor s. The portable form uses no Unique, NonZero or searchsorted: TopK (ascending, ties by

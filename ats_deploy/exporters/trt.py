@@ -4,7 +4,7 @@ One build function serves the Jetson (real TensorRT, JetPack 6.1+) and CI (Tenso
 machine): ``backend="tensorrt"`` (module ``tensorrt``) or ``backend="rtx"`` (module ``tensorrt_rtx``), or the
 environment variable ``ATS_DEPLOY_TENSORRT=rtx``. Networks are always strongly typed: the precision is a
 label read from the ONNX (an fp16 graph builds an fp16 engine, Q/DQ nodes an int8 one), never a builder
-flag, because TensorRT 11 removed weak typing (SPEC.md section 5).
+flag, because TensorRT 11 removed weak typing (docs/ATS_RULE.md section 5).
 
 What a build writes, atomically (temporary name + ``os.replace``): ``<name>.plan`` and next to it
 ``<name>.plan.json``, the record a runner checks before loading (TensorRT and CUDA versions, GPU name and
@@ -214,7 +214,7 @@ def jetpack_name(l4t: tuple[int, int]) -> str:
 
 
 def check_platform(version: str, *, backend: str = "tensorrt", l4t: tuple[int, int] | None = None) -> None:
-    """Refuse TensorRT/JetPack releases that cannot host an IPluginV3 plugin (SPEC.md section 5)."""
+    """Refuse TensorRT/JetPack releases that cannot host an IPluginV3 plugin (docs/ATS_RULE.md section 5)."""
     if backend == "rtx":
         return  # every TensorRT-RTX release has IPluginV3 and size tensors
     v = _version_tuple(version)
@@ -284,13 +284,18 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def load_plugin_library(trt: ModuleType, path: str | os.PathLike[str], *, how: PluginLoad = "auto") -> str:
+def load_plugin_library(trt: ModuleType, path: str | os.PathLike[str] | None, *, how: PluginLoad = "auto") -> str:
     """Load the sampler plugin library and check that its creator is registered; returns how it loaded.
 
     ``dlopen``: ``ctypes.CDLL(path, RTLD_GLOBAL)``, for the default self-registering build (the creator
     registers itself under namespace ``ats`` at load time). ``registry``: ``load_library`` (TensorRT calls the
     library's ``getCreators``), for a ``-DATS_SELF_REGISTER=OFF`` build. ``auto`` tries dlopen, then registry.
     """
+    if not path:  # a plugin-form engine whose record, option and environment all lack the library
+        raise DependencyError(
+            f"this engine needs the sampler plugin library and none was given; pass --plugin-lib "
+            f"build/ats_sampler/libats_sampler.so (from `ats-deploy plugin build`) or set ${PLUGIN_ENV}"
+        )
     lib = Path(path).expanduser()
     if not lib.is_file():
         raise DependencyError(

@@ -1,4 +1,4 @@
-"""The official ATS selection rule (SPEC.md section 2) as batched, static-shape PyTorch ops.
+"""The official ATS selection rule (docs/ATS_RULE.md section 2) as batched, static-shape PyTorch ops.
 
 This is the eager sampler used by the PyTorch model. The portable ONNX subgraph in
 ``ats_deploy.exporters.onnx`` emits the same sequence of operations (stable ascending sort with invalid
@@ -29,7 +29,7 @@ def token_scores(cls_attn: Tensor, v: Tensor) -> Tensor:
 
 
 def select_tokens(scores: Tensor, count_in: Tensor, *, k_max: int, n_ref: int) -> tuple[Tensor, Tensor]:
-    """Select tokens per image: the sampler contract of SPEC.md section 4.
+    """Select tokens per image: the sampler contract of docs/ATS_RULE.md section 4.
 
     Args:
         scores: [B, n] float32 scores (slot 0, the CLS token, is ignored). Need not be normalised.

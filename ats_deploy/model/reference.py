@@ -1,11 +1,11 @@
-"""Reference implementation of the ATS selection rule (SPEC.md section 2), in plain NumPy.
+"""Reference implementation of the ATS selection rule (docs/ATS_RULE.md section 2), in plain NumPy.
 
 This is the yardstick every other implementation (the vectorised PyTorch sampler, the portable ONNX
 subgraph, the CUDA kernel and the TensorRT plugin) is checked against. It is written per image with
 explicit loops so that it reads like the rule, not like the optimised code it judges. It needs no torch,
 so the on-device ``verify`` command and the GPU kernel tests can use it too.
 
-The contract (SPEC.md section 4): ``scores`` is [B, n] (slot 0 = CLS, ignored), ``count_in`` is [B]
+The contract (docs/ATS_RULE.md section 4): ``scores`` is [B, n] (slot 0 = CLS, ignored), ``count_in`` is [B]
 (valid slots including CLS, valid slots first). Scores need not be normalised: the normalised CDF is
 invariant to their scale, so implementations run the cumulative sum on the raw scores in float32,
 sequentially in ascending-score order, then F~ = (F - F_0) / (F_last - F_0), c0 = min positive F~,
@@ -74,11 +74,14 @@ def select_one(scores_row: np.ndarray, n_valid: int, *, k_max: int, n_ref: int, 
         r = np.ones(m, dtype=dtype)
     # F~ is invariant to the scale of r, so the CDF runs on the raw scores: no order-dependent sum
     # (and no division) before the cumsum, which lets every float32 implementation match bit for bit.
-    s = r / r.sum()
     order = np.argsort(r, kind="stable")
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum is refused just below
+        s = r / r.sum()
+        f = np.cumsum(r[order], dtype=dtype)
     if m == 1:
         return SelectionDetail(np.array([1]), order + 1, np.zeros(1, dtype), np.zeros(1, dtype), s)
-    f = np.cumsum(r[order], dtype=dtype)
+    if not np.isfinite(f[-1]):  # finite scores whose sum overflows: outside the contract (docs/ATS_RULE.md)
+        raise ValueError(f"the {np.dtype(dtype).name} sum of the scores overflows; scale the scores down")
     ft = ((f - f[0]) / (f[-1] - f[0])).astype(dtype)
     c0 = ft[ft > 0].min()
     big_m = grid_size(k_max, n_ref)
@@ -115,7 +118,7 @@ def select_reference(
 
 
 def near_boundary(scores_row: np.ndarray, n_valid: int, *, k_max: int, n_ref: int, rtol: float = 1e-5) -> bool:
-    """True where SPEC.md allows implementations to disagree with the float64 rule.
+    """True where docs/ATS_RULE.md allows implementations to disagree with the float64 rule.
 
     That is: a grid point lies within ``rtol`` (relative) of a decision boundary (the midpoint of two
     neighbouring F~ values), or two valid scores differ by less than rtol * max(the larger, 1/(n_valid-1)).

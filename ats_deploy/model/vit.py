@@ -86,7 +86,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; with ``k_max`` set it is an ATS block (SPEC.md section 2, step 7)."""
+    """Pre-norm transformer block; with ``k_max`` set it is an ATS block (docs/ATS_RULE.md section 2, step 7)."""
 
     def __init__(self, cfg: ViTConfig, *, k_max: int | None = None) -> None:
         super().__init__()

@@ -4,9 +4,11 @@ Why side by side: on a shared or thermally throttled device (a Jetson in a box),
 differ by more than ATS saves. Both models are timed round-robin in one process (alternating which goes
 first), so noise hits both alike, and only their ratio is gated.
 
-Timers: CUDA events around a CUDA-graph replay when the runner offers ``stage(x)`` + ``timed_step()``
-(the torch CUDA runner, and a TensorRT runner that implements them), so no host copy is timed; otherwise
-``time.perf_counter`` around ``infer`` (CPU backends, where outputs are host arrays anyway).
+Timers: TensorRT engines are timed by trtexec (:mod:`ats_deploy.runtime.trtexec`: CUDA graph, no host
+copies, spin-wait; ATS and dense engines in alternating rounds), which also gives the sampler plugin's own
+time per layer profile; CUDA events around a CUDA-graph replay when the runner offers ``stage(x)`` +
+``timed_step()`` (the torch CUDA runner), so no host copy is timed; otherwise ``time.perf_counter`` around
+``infer`` (CPU backends, where outputs are host arrays anyway).
 
 The report also holds kept tokens per ATS block (from the ``count_<i>`` outputs), GFLOPs per image
 (static slots and data-dependent, see :mod:`.flops`), a parity summary against the PyTorch reference (or
@@ -496,6 +498,10 @@ def report(
         raise ConfigError(f"reps {reps} must be >= 1 and warmup {warmup} >= 0")
     if max_slowdown is not None and not max_slowdown > 0:
         raise ConfigError(f"max slowdown {max_slowdown} must be a positive factor such as 1.02")
+    if backend == "tensorrt":  # engine latency comes from trtexec: refuse before building anything
+        from ..runtime.trtexec import find_trtexec
+
+        find_trtexec()
     man = read_manifest(export_dir)
     ats, ckpt = ats_from_manifest(man), checkpoint_from_manifest(man, model=model, trust_pickle=trust_pickle)
     if not ats.enabled:
@@ -523,11 +529,21 @@ def report(
             runners = {"ats": factory(ats, b), "dense": factory(dense, b)}
             try:
                 x = _pad_to(pool, b)[:b]
-                timers = {}
-                for name, r in runners.items():
-                    timers[name], timer_name = step_timer(r, x)
                 advance(0, description=f"batch {b}: timing")
-                samples = measure_interleaved(timers, warmup=warmup, reps=reps, advance=advance)
+                if backend == "tensorrt":  # trtexec times the engines (CUDA graph, no host copies)
+                    from ..runtime.trtexec import measure_interleaved as trtexec_interleaved
+
+                    timed = trtexec_interleaved({n: r.trtexec_run(b) for n, r in runners.items()}, iterations=reps)
+                    samples = {n: v["samples"] for n, v in timed.items()}
+                    profiles = {n: v["profile"] for n, v in timed.items()}
+                    timer_name = "trtexec (--useCudaGraph --noDataTransfers --useSpinWait, computeMs)"
+                    advance((warmup + reps) * 2)
+                else:
+                    timers = {}
+                    for name, r in runners.items():
+                        timers[name], timer_name = step_timer(r, x)
+                    samples = measure_interleaved(timers, warmup=warmup, reps=reps, advance=advance)
+                    profiles = {}
                 info["precision"] = getattr(runners["ats"], "precision", info["precision"])
                 if b == bs[-1]:
                     advance(0, description="token statistics")
@@ -536,7 +552,11 @@ def report(
                 for r in runners.values():
                     r.close()
             a, d = summarize(samples["ats"], b), summarize(samples["dense"], b)
-            rows.append({"batch": b, "ats": a, "dense": d, "ratio_p50": a["p50_ms"] / d["p50_ms"]})
+            row = {"batch": b, "ats": a, "dense": d, "ratio_p50": a["p50_ms"] / d["p50_ms"]}
+            if profiles.get("ats"):  # the sampler plugin's own time, from trtexec's per-layer profile
+                row["plugin_ms"] = profiles["ats"]["plugin_ms"]
+                row["profile_total_ms"] = {n: p["total_ms"] for n, p in profiles.items() if p}
+            rows.append(row)
     with progress_bar(progress, 2 * len(pool), f"parity on {len(pool)} inputs") as advance:
         parity = _parity(info, factory, ckpt, ats, pool, export_dir, man["graph"].get("batch"), advance)
     info["timer"] = timer_name

@@ -12,7 +12,7 @@ its loops differently from 64 single-image GEMMs, so attention scores can differ
 near-tied pick can flip. Such a flip is at a near-boundary pick by construction, which is what the rule
 below excuses; running the reference in the candidate's chunks keeps it from arising in the first place.
 
-Near-boundary picks: SPEC.md lets implementations decide differently where the float64 rule itself is
+Near-boundary picks: docs/ATS_RULE.md lets implementations decide differently where the float64 rule itself is
 within 1e-5 of a decision (a grid point on a CDF step, near-tied scores). When the reference carries
 ``near_boundary_<block>`` flags (``TorchRunner(boundary=True)``), an image whose first kept-set
 difference is at a block flagged for that image is "excused": its differences are reported but left out
@@ -263,7 +263,7 @@ def format_parity(res: ParityResult, *, title: str = "parity") -> str:
         )
     if res.excused_images > 0:
         lines.append(
-            f"  near-boundary: {res.excused_images} image(s) first differ at a pick SPEC.md leaves open "
+            f"  near-boundary: {res.excused_images} image(s) first differ at a pick docs/ATS_RULE.md leaves open "
             f"({res.excused_mismatches} pairs)\n"
             f"  gated on the other images: logits max abs {res.gated_logits_max_abs:.3g}, "
             f"top-1 {res.gated_top1_agreement:.2%}, kept {res.gated_kept_agreement:.2%}"

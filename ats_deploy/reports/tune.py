@@ -1,7 +1,7 @@
 """Latency-aware K schedule: measure what a token costs on this device, then pick K on the steps.
 
 Why: the static-shape ATS model only saves time where K_out < n, and what a token saves depends on the
-device and batch. GEMM tiles make block latency a staircase in the token count (SPEC.md s.5): within one
+device and batch. GEMM tiles make block latency a staircase in the token count (docs/ATS_RULE.md section 5): within one
 step, dropping tokens saves nothing, so a K just above a step boundary wastes the accuracy it costs. And
 every sampler stage costs a fixed overhead, so K = n_ref is always a little slower than dense.
 

@@ -1,6 +1,6 @@
 """PyTorch on CUDA: the static-shape model replayed from a CUDA graph, in float16 autocast.
 
-Why a CUDA graph: at batch 1 a ViT is launch-bound (SPEC.md s.5: ~0.4 ms whatever the token count on an
+Why a CUDA graph: at batch 1 a ViT is launch-bound (docs/ATS_RULE.md section 5: ~0.4 ms whatever the token count on an
 H100), so eager PyTorch measures Python and launch overhead, not the model. The static shape mode has
 fixed shapes and no host synchronisation, so the whole forward (sampler included) is captured once and
 replayed. The dynamic shape mode reads the batch's max count on the host (a sync and data-dependent

@@ -16,7 +16,7 @@ class TorchRunner(Runner):
     """The PyTorch model with the graph's output names.
 
     ``boundary=True`` adds ``near_boundary_<block>`` (bool [B]): whether that block's selection for the
-    image is one SPEC.md lets implementations decide differently (a grid point within 1e-5 of a CDF
+    image is one docs/ATS_RULE.md lets implementations decide differently (a grid point within 1e-5 of a CDF
     step, or near-tied scores; ``model.reference.near_boundary`` on the float32 scores, in float64).
     Parity uses it to tell numerically undecidable picks from real disagreements.
     """

@@ -156,9 +156,11 @@ class TrtRunner(Runner):
     # -- setup ---------------------------------------------------------------------------------------------
     def _load_plugin(self, trt_build, plugin_lib) -> None:
         plug = self.record.get("plugin") or {}
+        self._plugin_path = None
         if plug.get("kind") == "library":
             lib = plugin_lib or os.environ.get(trt_build.PLUGIN_ENV) or plug.get("path")
             trt_build.load_plugin_library(self.trt, lib, how=self.record.get("settings", {}).get("plugin_load", "auto"))
+            self._plugin_path = Path(lib)
         elif plug.get("kind") == "python":
             from ..exporters.rtx_plugin import register_python_plugin
 
@@ -286,6 +288,18 @@ class TrtRunner(Runner):
             self.cuda.call("cudaEventDestroy", start)
             self.cuda.call("cudaEventDestroy", stop)
         return times
+
+    def trtexec_run(self, batch: int):
+        """How trtexec should time this engine at ``batch`` (see :mod:`ats_deploy.runtime.trtexec`)."""
+        from .trtexec import TrtexecRun
+
+        plug = self.record.get("plugin") or {}
+        lib = self._plugin_path if plug.get("kind") == "library" else None
+        shapes = None
+        if self.static_batch is None:
+            shapes = f"{self.input_name}:{batch}x{self.channels}x{self.size}x{self.size}"
+        layers = tuple(p["name"] for p in self.record.get("network", {}).get("plugin_layers", []))
+        return TrtexecRun(self.plan, lib, shapes, cuda_graph=not self.dynamic_outputs, plugin_layers=layers)
 
     # -- teardown --------------------------------------------------------------------------------------------
     def _drop_graphs(self) -> None:

@@ -1,5 +1,5 @@
 /*
- * atsSampler.h: C API of the Adaptive Token Sampling selector kernel (SPEC.md sections 2 and 4).
+ * atsSampler.h: C API of the Adaptive Token Sampling selector kernel (docs/ATS_RULE.md sections 2 and 4).
  *
  * This header has no TensorRT dependency: the kernel-only library (libats_sampler_kernel.so, built with
  * -DATS_KERNEL_ONLY=ON) exports exactly these functions, so tests can drive the kernel through ctypes and

@@ -1,5 +1,5 @@
 /*
- * atsSamplerKernel.cu: the ATS selector (SPEC.md section 2, steps 2-6) as one CUDA block per image.
+ * atsSamplerKernel.cu: the ATS selector (docs/ATS_RULE.md section 2, steps 2-6) as one CUDA block per image.
  *
  * Every float32 operation mirrors ats_deploy/model/reference.py (dtype=np.float32) so the result is bit
  * for bit the reference's:
@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kSelectThreads) atsSelectKernel(float const* _
 
     if (m <= 1)
     {
-        // No valid patch: CLS only. One valid patch: keep it (SPEC.md 2.8). kOut >= 2 whenever m == 1.
+        // No valid patch: CLS only. One valid patch: keep it (docs/ATS_RULE.md 2.8). kOut >= 2 whenever m == 1.
         for (int t = tid; t < kOut; t += nt)
         {
             out[t] = (t == 1 && m == 1) ? 1 : 0;
@@ -316,7 +316,8 @@ __global__ void __launch_bounds__(kSelectThreads) atsSelectKernel(float const* _
     for (int j = tid; j < gridM; j += nt)
     {
         float const y = gridM == 1 ? c0 : __fadd_rn(c0, __fmul_rn(static_cast<float>(j), step));
-        flags[nearestFirst(cdf, m, y)] = 1; // benign race: every writer stores 1
+        // Several grid points can pick the same token: an atomic store keeps the write race-free (racecheck).
+        atomicExch(&flags[nearestFirst(cdf, m, y)], 1);
     }
     __syncthreads();
 

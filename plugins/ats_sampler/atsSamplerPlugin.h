@@ -1,7 +1,7 @@
 /*
  * atsSamplerPlugin.h: TensorRT IPluginV3 "AdaptiveTokenSampler" (version "1", namespace "ats").
  *
- * The plugin selects, the graph moves data (SPEC.md section 4): inputs scores [B, n] float32 and
+ * The plugin selects, the graph moves data (docs/ATS_RULE.md section 4): inputs scores [B, n] float32 and
  * count_in [B] int32; outputs indices and count_out as produced by the kernel C API (atsSampler.h).
  * Fields: k_max, n_ref, mode (INT32; mode 0 static [B, K_out] indices, mode 1 dynamic [B, s] indices plus a
  * 0-D int64 size tensor s = max(count_out) declared with IExprBuilder::declareSizeTensor).

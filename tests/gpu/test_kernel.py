@@ -198,7 +198,7 @@ def test_large_batches_match_reference(kernel_lib, device, b: int) -> None:
 
 
 def test_batch_independence(kernel_lib, device) -> None:
-    """An image's row does not depend on the rest of the batch (SPEC.md section 2)."""
+    """An image's row does not depend on the rest of the batch (docs/ATS_RULE.md section 2)."""
     lib, _ = kernel_lib
     rng = np.random.default_rng(7)
     scores, count = _scores("peaky", 64, 197, rng)

@@ -2,7 +2,7 @@
 
 The same function ``ats-deploy build`` calls builds fp32 engines from the portable and the plugin form, in
 static and dynamic shape mode, with a static and a dynamic batch. For the plugin form the network must hold
-one AdaptiveTokenSampler layer per ATS block with the contract's outputs (SPEC.md section 4). Plugin-form
+one AdaptiveTokenSampler layer per ATS block with the contract's outputs (docs/ATS_RULE.md section 4). Plugin-form
 parsing runs in the crash-guarded child process. Engines built here cannot run (no GPU; TensorRT-RTX does
 not run on sm_90 either): running them is tests/trt's job.
 """

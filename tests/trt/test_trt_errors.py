@@ -199,3 +199,12 @@ def test_reference_file_errors_are_one_line(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"garbage")
     with pytest.raises(InputError, match="not a readable"):
         load_reference(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("path", [None, ""])
+def test_missing_plugin_path_is_a_dependency_error_not_a_type_error(path):
+    """A plugin-form engine whose record, --plugin-lib and $ATS_SAMPLER_PLUGIN all lack the library (a record
+    written with the Python plugin path, or edited) used to reach Path(None) and raise a TypeError."""
+    with pytest.raises(DependencyError) as err:
+        trt_build.load_plugin_library(object(), path)  # refused before TensorRT is touched
+    assert "--plugin-lib" in _one_line(err.value)

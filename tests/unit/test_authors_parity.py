@@ -3,7 +3,7 @@
 The fixture ``tests/data/authors_kept.json`` was written by ``tools/authors_reference.py``, which runs the
 authors' own ``ViT`` (github.com/adaptivetokensampling/ATS, batch size 1, DROP_TOKENS on, ATS in blocks 3..11,
 K = 197) on checkpoints made by ``default_checkpoint``. Their code is not needed here: we rebuild the same
-weights and inputs from their seeds and compare. SPEC.md section 2 allows a difference only near a decision
+weights and inputs from their seeds and compare. docs/ATS_RULE.md section 2 allows a difference only near a decision
 boundary (they smooth the softmax with an epsilon we do not reproduce), so a differing block must be
 near-boundary by ``reference.near_boundary`` on our own scores of that block; the blocks after it see other
 tokens and are not compared, and the rate of such allowed differences must stay below 1%.

@@ -1,4 +1,4 @@
-"""Parity gates and SPEC.md's near-boundary latitude: flagged first differences are reported, not gated."""
+"""Parity gates and docs/ATS_RULE.md's near-boundary latitude: flagged first differences are reported, not gated."""
 
 from __future__ import annotations
 
