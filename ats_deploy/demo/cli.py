@@ -196,8 +196,8 @@ def demo_ship(
     """Ship a run as the demo weights: fp16 safetensors, eval on held-out images, MODEL_CARD.md from the run."""
     import sys
 
-    from .demo.card import ship_run
-    from .demo.evaluate import render_report
+    from .card import ship_run
+    from .evaluate import render_report
 
     weights, card, report = ship_run(run_dir, command=command, images=images, progress=sys.stderr.isatty())
     typer.echo(render_report(report))

@@ -56,6 +56,12 @@ class Phase:
     # Object diameter range (fraction of the side) for this phase; None: TrainConfig.scale. Larger
     # objects early are a curriculum; the monitoring top-1 always uses TrainConfig.scale.
     scale: tuple[float, float] | None = None
+    # ATS-aware fine-tuning: every other step runs the model with ATS in the paper's placement (blocks
+    # 3..11 of 12, K = token count, static shapes) on the classification loss, the steps between run it
+    # dense as before. A ViT trained dense on these images concentrates its CLS attention so sharply that
+    # ATS keeps ~10-20 tokens and loses the class; this teaches the same weights to classify from the
+    # tokens ATS keeps while staying accurate dense.
+    ats: bool = False
 
 
 @dataclass(frozen=True)
@@ -322,7 +328,9 @@ def _resumable(saved: dict | None, global_step: int, cfg: TrainConfig) -> bool:
     new = cfg.recipe()
     if saved == new:
         return True
-    old_phases, new_phases = saved.get("phases", []), new["phases"]
+    # Recipes saved before Phase.ats existed have no "ats" key: those phases ran dense.
+    old_phases = [{"ats": False, **p} for p in saved.get("phases", [])]
+    new_phases = new["phases"]
     same_rest = {k: v for k, v in saved.items() if k != "phases"} == {k: v for k, v in new.items() if k != "phases"}
     finished = sum(p["steps"] for p in old_phases) == global_step
     return same_rest and finished and new_phases[: len(old_phases)] == old_phases
@@ -461,10 +469,13 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
                 for grp in opt.param_groups:
                     grp["lr"] = lr
                 x, y = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
+                ats_step = phase.ats and step % 2 == 1
+                _set_ats(model, ats_step)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
                     feats = model.forward_features(x)[0]
                     logits = model.forward_head(feats)
-                    tok = aux(feats[:, vcfg.num_prefix_tokens :]).flatten(0, 1) if use_tokens else None
+                    tok = aux(feats[:, vcfg.num_prefix_tokens :]).flatten(0, 1) if use_tokens and not ats_step else None
+                _set_ats(model, False)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                 if tok is not None:
                     tok_y = torch.from_numpy(t).to(dev).flatten()
@@ -581,13 +592,25 @@ def measure_throughput(
     }
 
 
+def _set_ats(model, on: bool) -> None:
+    """Switch the paper's ATS placement on or off in ``model`` in place (same weights; training only)."""
+    from ..model.config import resolve_ats
+
+    ats = resolve_ats(model.cfg) if on else None
+    for i, blk in enumerate(model.blocks):
+        blk.k_max = ats.k_for(i) if ats is not None else None
+
+
 def _parse_phase(text: str) -> Phase:
-    """``IMG:STEPS:LR:WARMUP[:SMIN:SMAX]`` -> Phase (argparse turns the ValueError into a usage error)."""
+    """``IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats]`` -> Phase (argparse turns the ValueError into a usage error)."""
     parts = text.split(":")
+    ats = parts[-1] == "ats"
+    if ats:
+        parts = parts[:-1]
     if len(parts) not in (4, 6):
-        raise ValueError(f"expected IMG:STEPS:LR:WARMUP[:SMIN:SMAX], got {text!r}")
+        raise ValueError(f"expected IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats], got {text!r}")
     scale = (float(parts[4]), float(parts[5])) if len(parts) == 6 else None
-    return Phase(int(parts[0]), int(parts[1]), float(parts[2]), int(parts[3]), scale)
+    return Phase(int(parts[0]), int(parts[1]), float(parts[2]), int(parts[3]), scale, ats)
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -296,3 +296,31 @@ def test_a_finished_run_extended_by_a_phase_equals_a_fresh_run_of_all_phases(tmp
     other = (Phase(img_size=32, steps=3, lr=5e-4, warmup=1),) + two[1:]
     restarted = train(replace(base, phases=other, out_dir=str(tmp_path / "ext")), resume=True, progress=False)
     assert restarted.steps == 5 and len(restarted.history) > 0
+
+
+def test_an_ats_phase_alternates_ats_and_dense_steps_on_the_same_weights(tmp_path):
+    import torch
+
+    from ats_deploy.demo.train import Phase, TrainConfig, _parse_phase, _set_ats, model_config, train
+    from ats_deploy.model.vit import VisionTransformer
+
+    assert _parse_phase("224:10:1e-4:2:ats") == Phase(224, 10, 1e-4, 2, None, True)
+    assert _parse_phase("112:5:1e-3:1:0.3:0.5") == Phase(112, 5, 1e-3, 1, (0.3, 0.5), False)
+    model = VisionTransformer(model_config(32, TINY_ARCH))
+    _set_ats(model, True)
+    assert [b.k_max for b in model.blocks] == [None, 5, 5, 5]  # 4 blocks: ATS at 1..3, K = 1 + 4 patches
+    out = model.forward_trace(torch.zeros(1, 3, 32, 32))
+    assert len(out.counts) == 3
+    _set_ats(model, False)
+    assert all(b.k_max is None for b in model.blocks)
+    assert len(model.forward_trace(torch.zeros(1, 3, 32, 32)).counts) == 0
+    cfg = TrainConfig(
+        phases=(Phase(img_size=32, steps=4, lr=1e-3, warmup=1, ats=True),),
+        batch_size=4,
+        arch=TINY_ARCH,
+        out_dir=str(tmp_path / "ats"),
+        eval_every=0,
+        threads=1,
+    )
+    res = train(cfg, progress=False)
+    assert res.steps == 4 and math.isfinite(res.last_loss)

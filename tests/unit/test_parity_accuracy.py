@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ats_deploy.inputs import input_labels
 from ats_deploy.demo.shapes import HELDOUT_SEED, TRAIN_SEED, label_of
+from ats_deploy.inputs import input_labels
 from ats_deploy.reports.parity import compare_outputs, format_parity
 
 
