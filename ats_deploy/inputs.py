@@ -221,7 +221,7 @@ def default_inputs(source: dict | None, n: int, pre: Preprocess, *, seed: int = 
 def input_labels(inputs: str | Path | None, source: dict | None, n: int) -> np.ndarray | None:
     """True class labels of the first ``n`` inputs where they are known, else None: generated demo images
     (a ``shapes:...`` spec, or the held-out default of the demo model) know their labels."""
-    from ..demo.shapes import HELDOUT_SEED, TRAIN_SEED, ShapesDataset
+    from .demo.shapes import HELDOUT_SEED, TRAIN_SEED, ShapesDataset
 
     if inputs is None:
         if (source or {}).get("kind") != "demo":
