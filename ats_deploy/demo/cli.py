@@ -190,7 +190,9 @@ def demo_ship(
     run_dir: Annotated[Path, typer.Argument(help="The --out directory of a finished `demo train` run.")],
     images: Annotated[int, typer.Option("--images", min=1, help="Held-out images to evaluate.")] = 2000,
     command: Annotated[
-        str | None, typer.Option("--command", help="Training command for the card (default: the one the log recorded).")
+        str | None, typer.Option(
+            "--command", metavar="COMMAND", help="Training command for the card (default: the one the log recorded)."
+        )
     ] = None,
 ) -> None:
     """Ship a run as the demo weights: fp16 safetensors, eval on held-out images, MODEL_CARD.md from the run."""
