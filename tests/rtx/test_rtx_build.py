@@ -67,6 +67,8 @@ def test_engine_builds(exports, cache, tmp_path, shape, dynamic_batch, form):
         assert plugins == [] and rec["plugin"] is None
         return
     assert rec["plugin"]["kind"] == "python" and len(plugins) == ATS_BLOCKS
+    # No --plugin-lib: the Python stand-in was used, and both the output and the record say so.
+    assert "stand-in" in rec["plugin"]["note"] and any("stand-in" in w for w in res.warnings)
     for layer in plugins:
         outs = layer["outputs"]
         if shape == "static":
