@@ -25,11 +25,11 @@ def report():
 def test_shipped_weights_are_accurate_on_a_fresh_seed(report):
     dense, ats = report.settings
     assert ats.ats["blocks"] == list(range(3, 12)) and ats.ats["k_schedule"] == [197] * 9
-    # 200 images: the card's 2,000-image figures (dense 95.6%, ATS K=197 66.6%, token work 0.34, recall
+    # 200 images: the card's 2,000-image figures (dense 96.5%, ATS K=197 79.5%, token work 0.34, recall
     # 0.54) minus about three standard errors. ATS is far from dense on this model: its CLS attention
     # keeps only 11-18 tokens from block 4 on (see the model card); these bounds guard what ships today.
     assert dense.top1 >= 92.0
-    assert ats.top1 >= 55.0 and ats.agreement >= 55.0
+    assert ats.top1 >= 70.0 and ats.agreement >= 70.0
     assert ats.token_work <= 0.45
     assert list(ats.object_recall.values())[-1] >= 0.40
     # K' falls from block to block on average: ATS keeps fewer tokens deeper in the network.
