@@ -35,7 +35,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar, Literal
 
-from ..artifacts import MANIFEST, file_kind, read_manifest, wrong_kind
+from ..artifacts import MANIFEST, file_kind, read_manifest, sha256_file, wrong_kind
 from ..artifacts import atomic_copy as _atomic_copy
 from ..artifacts import atomic_write as _atomic_write
 from ..errors import ConfigError, DependencyError, ExportError, InputError
@@ -274,14 +274,6 @@ _LOADED_LIBRARIES: dict[str, Any] = {}  # keeps dlopen handles alive for the pro
 
 def _creator(trt: ModuleType):
     return trt.get_plugin_registry().get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE)
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_plugin_library(trt: ModuleType, path: str | os.PathLike[str] | None, *, how: PluginLoad = "auto") -> str:
