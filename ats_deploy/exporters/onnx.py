@@ -110,8 +110,10 @@ class _VitEmitter:
         x = g.op("Add", g.op("Concat", *parts, pe, axis=1), self.weight("pos_embed"))
         return x, batch
 
-    def block(self, i: int, x: str, count: str, n: Dim, bias: str | None):
+    def block(self, i: int, x: str, count: str, n: Dim, mask: tuple[str, str] | None):
+        """One block; ``mask`` is (additive key bias [B, 1, 1, n], valid slots [B, n]) after an ATS block."""
         g, c = self.g, self.cfg
+        bias, valid = mask if mask is not None else (None, None)
         p = f"blocks.{i}"
         g.scope = p + "/"
         qkv = self.linear(self.layer_norm(x, p + ".norm1"), p + ".attn.qkv")
@@ -133,21 +135,40 @@ class _VitEmitter:
         cls_attn = g.op("Squeeze", _reduce(g, "ReduceSum", attn, [1], keepdims=0), g.const([1]))  # [B, n]
         v_norm = _reduce(g, "ReduceL2", g.cast(v_all, FLOAT), [2], keepdims=0)  # [B, n]
         scores = g.op("Mul", cls_attn, v_norm)
-        idx, count_out = self.sample(scores, count, n, k_max)
+        idx, count_out = self.sample(scores, count, n, k_max, valid)
         g.scope = p + "/"
-        idx3 = g.op("Unsqueeze", g.cast(idx, INT64), g.const([2]))  # [B, K, 1]
+        idx3 = g.op("Unsqueeze", idx, g.const([2]))  # [B, K, 1] int64
+        if self.keeps_every_slot(k_max, n):
+            # K_out = n (static, K >= n): every query row survives anyway, so the block attends as a
+            # dense one and gathers its output once, instead of gathering queries and residual apart.
+            out = self.attend(self.heads(q_all), k_t, v, bias)
+            x = g.op("Add", x, self.linear(self.merge(out), p + ".attn.proj"))
+            return self.mlp(g.op("GatherND", x, idx3, batch_dims=1), p), idx, count_out
         q_sel = self.heads(g.op("GatherND", q_all, idx3, batch_dims=1))
         out = self.attend(q_sel, k_t, v, bias)
         x = g.op("Add", g.op("GatherND", x, idx3, batch_dims=1), self.linear(self.merge(out), p + ".attn.proj"))
         return self.mlp(x, p), idx, count_out
 
-    def sample(self, scores: str, count: str, n: Dim, k_max: int) -> tuple[str, str]:
+    def keeps_every_slot(self, k_max: int, n: Dim) -> bool:
+        """Static mode with K_out = n: the block's output has as many slots as its input."""
+        return isinstance(n, int) and self.next_slots(k_max, n) == n
+
+    def next_slots(self, k_max: int, n: int) -> int:
+        extra = self.cfg.num_prefix_tokens - 1  # a distillation token rides along outside the sampler
+        return output_slots(k_max, n - extra) + extra
+
+    def sample(self, scores: str, count: str, n: Dim, k_max: int, valid: str | None) -> tuple[str, str]:
+        """Indices [B, K_out] and counts [B], both int64; ``valid`` None means every slot is real."""
         g = self.g
+        extra = self.cfg.num_prefix_tokens - 1
         kw = dict(k_max=k_max, n_ref=self.cfg.n_ref, mode=self.ats.shape_mode, form=self.opts.sampler)
+        kw.update(n_max=self.cfg.num_tokens - extra, all_valid=valid is None)
+        ax1 = g.const([1])
+        if valid is not None:  # the patches' part of the key mask: slot p + 1 + extra is patch p
+            kw["valid"] = g.op("Slice", valid, g.const([1 + extra]), g.const([2**62]), ax1)
         if not self.cfg.distilled:
             return emit_sampler(g, scores, count, n=n, **kw)
         # Distilled DeiT: the sampler sees CLS + patches; the distillation token is kept after CLS.
-        ax1 = g.const([1])
         s = g.op(
             "Concat",
             g.op("Slice", scores, g.const([0]), ax1, ax1),
@@ -155,24 +176,20 @@ class _VitEmitter:
             axis=1,
         )
         n_s: Dim = n - 1 if isinstance(n, int) else g.op("Sub", n, g.const([1]))
-        idx, cnt = emit_sampler(g, s, g.op("Sub", count, g.const(1, "int32")), n=n_s, **kw)
-        idx = g.op("Where", g.op("Greater", idx, g.const(0, "int32")), g.op("Add", idx, g.const(1, "int32")), idx)
+        idx, cnt = emit_sampler(g, s, g.op("Sub", count, g.const(1)), n=n_s, **kw)
+        idx = g.op("Where", g.op("Greater", idx, g.const(0)), g.op("Add", idx, g.const(1)), idx)
         first = g.op("Slice", idx, g.const([0]), ax1, ax1)
         rest = g.op("Slice", idx, ax1, g.const([2**62]), ax1)
-        idx = g.op(
-            "Concat", first, g.op("Add", g.op("Mul", first, g.const(0, "int32")), g.const(1, "int32")), rest, axis=1
-        )
-        return idx, g.op("Add", cnt, g.const(1, "int32"))
+        idx = g.op("Concat", first, g.op("Add", g.op("Mul", first, g.const(0)), g.const(1)), rest, axis=1)
+        return idx, g.op("Add", cnt, g.const(1))
 
-    def key_bias(self, count: str, n: Dim) -> str:
-        """[B, 1, 1, n] additive mask: 0 on valid keys, a large finite negative on padding."""
+    def key_mask(self, count: str, n: Dim) -> tuple[str, str]:
+        """([B, 1, 1, n] additive mask: 0 on valid keys, a large finite negative on padding; [B, n] valid)."""
         g = self.g
         slots = g.arange(0, n)
-        valid = g.op(
-            "Less", g.op("Unsqueeze", slots, g.const([0])), g.op("Unsqueeze", g.cast(count, INT64), g.const([1]))
-        )
+        valid = g.op("Less", g.op("Unsqueeze", slots, g.const([0])), g.op("Unsqueeze", count, g.const([1])))
         bias = g.op("Where", valid, g.const(0.0, "float32"), g.const(MASK_VALUE, "float32"))
-        return g.op("Unsqueeze", bias, g.const([1, 2]))
+        return g.op("Unsqueeze", bias, g.const([1, 2])), valid
 
     def build(self) -> None:
         g, c, opts = self.g, self.cfg, self.opts
@@ -180,30 +197,29 @@ class _VitEmitter:
         pixels = g.input("pixels", FLOAT, [batch_dim, c.in_chans, c.img_size, c.img_size])
         x, batch = self.embed(pixels)
         n: Dim = c.num_tokens
-        count = g.op("Expand", g.const([c.num_tokens], "int32"), batch)  # [B] int32
+        count = g.op("Expand", g.const([c.num_tokens]), batch)  # [B] int64
         ids = g.op(
             "Expand", g.const([list(range(c.num_tokens))]), g.op("Concat", batch, g.const([c.num_tokens]), axis=0)
         )
-        bias = None
+        mask = None
         for i in range(c.depth):
-            x, idx, count_out = self.block(i, x, count, n, bias)
+            x, idx, count_out = self.block(i, x, count, n, mask)
             if idx is None:
                 continue
             g.scope = f"blocks.{i}/"
-            ids = g.op("GatherElements", ids, g.cast(idx, INT64), axis=1)
-            count = count_out
+            ids = g.op("GatherElements", ids, idx, axis=1)
+            count = count_out  # int64 inside the graph
             if self.ats.shape_mode == "dynamic":
                 n = g.shape_of(idx, 1)
                 k_dim: int | str = f"s_{i}"
             else:
-                extra = c.num_prefix_tokens - 1  # a distillation token rides along outside the sampler
-                n = output_slots(self.ats.k_for(i) or 0, int(n) - extra) + extra
+                n = self.next_slots(self.ats.k_for(i) or 0, int(n))
                 k_dim = n
             g.op("Identity", ids, outputs=[f"tokens_{i}"])
-            g.op("Identity", count, outputs=[f"count_{i}"])
+            g.op("Cast", count, to=INT32, outputs=[f"count_{i}"])
             g.output(f"tokens_{i}", INT64, [batch_dim, k_dim])
             g.output(f"count_{i}", INT32, [batch_dim])
-            bias = self.key_bias(count, n)
+            mask = self.key_mask(count, n)
         g.scope = "head/"
         x = self.layer_norm(x, "norm")
         cls = g.op("Gather", x, g.const(0), axis=1)

@@ -12,7 +12,7 @@ It performs exactly the operations of :func:`ats_deploy.model.ats.select_tokens`
 from __future__ import annotations
 
 from ..model.reference import BIG, grid_size
-from .graph import FLOAT, INT32, INT64, Dim, GraphBuilder
+from .graph import BOOL, INT32, INT64, Dim, GraphBuilder
 from .plugin_lib import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 __all__ = [
@@ -38,12 +38,32 @@ def _reduce(g: GraphBuilder, op: str, x: str, axes: list[int], *, keepdims: int)
 
 
 def emit_sampler(
-    g: GraphBuilder, scores: str, count_in: str, *, n: Dim, k_max: int, n_ref: int, mode: str, form: str
+    g: GraphBuilder,
+    scores: str,
+    count_in: str,
+    *,
+    n: Dim,
+    k_max: int,
+    n_ref: int,
+    mode: str,
+    form: str,
+    n_max: int | None = None,
+    valid: str | None = None,
+    all_valid: bool = False,
 ) -> tuple[str, str]:
-    """Emit the sampler in the requested ``form`` ('portable' or 'plugin'); returns (indices, count_out)."""
+    """Emit the sampler in ``form`` ('portable' or 'plugin') inside a model graph.
+
+    Returns (indices, count_out) as int64, what the graph around it gathers with. The plugin node keeps
+    the contract's int32 outputs (cast here); the portable form uses the graph's ``valid`` mask
+    (``all_valid`` where every slot is real) instead of rebuilding it from ``count_in`` (int64 here).
+    """
     if form == "plugin":
-        return emit_plugin_sampler(g, scores, count_in, k_max=k_max, n_ref=n_ref, mode=mode)
-    return emit_portable_sampler(g, scores, count_in, n=n, k_max=k_max, n_ref=n_ref, mode=mode)
+        idx, cnt = emit_plugin_sampler(g, scores, g.cast(count_in, INT32), k_max=k_max, n_ref=n_ref, mode=mode)
+        return g.cast(idx, INT64), g.cast(cnt, INT64)
+    return emit_portable_sampler(
+        g, scores, count_in, n=n, k_max=k_max, n_ref=n_ref, mode=mode, n_max=n_max, valid=valid,
+        all_valid=all_valid, index_type=INT64,
+    )
 
 
 def emit_plugin_sampler(g: GraphBuilder, scores: str, count_in: str, *, k_max: int, n_ref: int, mode: str):
@@ -66,68 +86,133 @@ def emit_plugin_sampler(g: GraphBuilder, scores: str, count_in: str, *, k_max: i
 
 
 def emit_portable_sampler(
-    g: GraphBuilder, scores: str, count_in: str, *, n: Dim, k_max: int, n_ref: int, mode: str
+    g: GraphBuilder,
+    scores: str,
+    count_in: str,
+    *,
+    n: Dim,
+    k_max: int,
+    n_ref: int,
+    mode: str,
+    n_max: int | None = None,
+    valid: str | None = None,
+    all_valid: bool = False,
+    index_type: int = INT32,
 ) -> tuple[str, str]:
-    """Standard-op sampler; ``n`` is the static slot count or a 1-element int64 tensor holding it."""
-    zero_f, one_f, big_f = g.const(0.0, "float32"), g.const(1.0, "float32"), g.const(BIG, "float32")
-    ax1 = g.const([1])
-    n_t = g.dim(n)
-    p_dim: Dim = n - 1 if isinstance(n, int) else g.op("Sub", n_t, g.const([1]))
-    k_out_static = min(k_max, n) if isinstance(n, int) else None
+    """Standard-op sampler; ``n`` is the static slot count or a 1-element int64 tensor holding it.
 
-    r = g.op("Slice", scores, g.const([1]), g.const([2**62]), ax1)  # [B, P]
-    cnt = g.op("Max", g.op("Min", g.cast(count_in, INT64), g.op("Squeeze", n_t, g.const([0]))), g.const(1))
-    slot = g.arange(1, n if isinstance(n, int) else n_t)
-    valid = g.op("Less", g.op("Unsqueeze", slot, g.const([0])), g.op("Unsqueeze", cnt, ax1))
-    r = g.op("Where", valid, r, zero_f)
-    all_zero = g.op("Not", g.op("Greater", _reduce(g, "ReduceMax", r, [1], keepdims=1), zero_f))
-    r = g.op("Where", g.op("And", all_zero, valid), one_f, r)
-    key = g.op("Where", valid, r, big_f)
-    # Ascending sort, ties by slot index (ONNX TopK semantics), invalid slots (BIG) last.
-    vals, order = g.op("TopK", key, g.dim(p_dim), axis=1, largest=0, sorted=1, outputs=2)
-    m = g.op("Sub", cnt, g.const(1))  # valid patch count per image
-    pos = g.arange(0, p_dim)
-    valid_sorted = g.op("Less", g.op("Unsqueeze", pos, g.const([0])), g.op("Unsqueeze", m, ax1))
-    r_sorted = g.op("Where", valid_sorted, vals, zero_f)
-    cdf = g.op("CumSum", r_sorted, g.const(1))
-    f0 = g.op("Slice", cdf, g.const([0]), g.const([1]), ax1)
-    last = g.op("Unsqueeze", g.op("Max", g.op("Sub", m, g.const(1)), g.const(0)), ax1)
-    f_last = g.op("GatherElements", cdf, last, axis=1)
-    span = g.op("Sub", f_last, f0)
-    ft = g.op("Div", g.op("Sub", cdf, f0), g.op("Where", g.op("Greater", span, zero_f), span, one_f))
-    positive = g.op("And", valid_sorted, g.op("Greater", ft, zero_f))
-    c0 = _reduce(g, "ReduceMin", g.op("Where", positive, ft, big_f), [1], keepdims=1)
-    c0 = g.op("Where", g.op("Less", c0, big_f), c0, zero_f)
+    Cost grows with P + M (patches + grid points), never with M x P: each grid point's neighbours come from
+    one ascending sort of the patches' F~ merged with the grid (how many F~ lie at or below each grid
+    point); the nearer neighbour wins, the lower one on a tie; when the lower one wins, an exact two-level
+    search (blocks of about sqrt(P) patches) finds the first patch whose float32 distance rounds to the
+    same value, which is what the reference's first argmin returns.
+
+    Graph-internal options (the sampler contract's inputs and outputs are unchanged without them):
+    ``n_max`` bounds a dynamic ``n`` (it sizes the search blocks); ``valid`` is a ready [B, P] bool mask
+    ``p < count_in - 1`` (the model builds it once per block for its key mask); ``all_valid`` says every
+    slot is valid (the first ATS block), which drops the masking; ``index_type`` INT64 skips the casts a
+    graph that gathers with int64 would undo.
+    """
+    ax1, ax2 = g.const([1]), g.const([2])
+    zero_f, one_f, big_f = g.const(0.0, "float32"), g.const(1.0, "float32"), g.const(BIG, "float32")
+    n_t = g.dim(n)
+    static = isinstance(n, int)
+    p_dim: Dim = n - 1 if static else g.op("Sub", n_t, ax1)
+    p_bound = (n if static else int(n_max or n_ref)) - 1
+    k_out: Dim = min(k_max, n) if static else g.op("Min", g.const([k_max]), n_t)
     big_m = grid_size(k_max, n_ref)
+    end = g.const([2**62])
+
+    def masked(x: str, other: str) -> str:
+        return x if all_valid else g.op("Where", valid, x, other)
+
+    r = g.op("Slice", scores, ax1, end, ax1)  # [B, P]
+    if not all_valid and valid is None:
+        # Valid patches come first in slot order and are sorted ahead of padding, so one mask
+        # V[p] = p < m (m = valid patches) serves both orders.
+        cnt = g.op("Max", g.op("Min", g.cast(count_in, INT64), g.op("Squeeze", n_t, g.const([0]))), g.const(1))
+        m_col = g.op("Unsqueeze", g.op("Sub", cnt, g.const(1)), ax1)  # [B, 1]
+        valid = g.op("Less", g.op("Unsqueeze", g.arange(0, p_dim), g.const([0])), m_col)
+    r = masked(r, zero_f)
+    # No valid score > 0 (all zero, or NaN among them): every valid patch gets the same score. The sum
+    # (not the max, which may skip NaN) carries a NaN through; non-negative scores sum to 0 only if all are 0.
+    no_mass = g.op("Not", g.op("Greater", _reduce(g, "ReduceSum", r, [1], keepdims=1), zero_f))
+    key = masked(g.op("Where", no_mass, one_f, r), big_f)
+    # Ascending sort, ties by slot index (ONNX TopK semantics), padding (BIG) last.
+    vals, order = g.op("TopK", key, g.dim(p_dim), axis=1, largest=0, sorted=1, outputs=2)
+    cdf = g.op("CumSum", masked(vals, zero_f), ax1)  # padding adds 0.0: the last column is F_last
+    f0 = g.op("Slice", cdf, g.const([0]), ax1, ax1)
+    span = g.op("Sub", g.op("Slice", cdf, g.const([-1]), end, ax1), f0)
+    ft = g.op("Div", g.op("Sub", cdf, f0), g.op("Where", g.op("Greater", span, zero_f), span, one_f))
+    # c0 = smallest positive F~ (padding sits at F~ = 1, never below it). Without one (m <= 1) c0 = 1:
+    # every grid point is then 1 and picks sorted position 0, the only patch if there is one.
+    c0 = _reduce(g, "ReduceMin", g.op("Where", g.op("Greater", ft, zero_f), ft, big_f), [1], keepdims=1)
+    c0 = g.op("Min", c0, one_f)  # [B, 1]
     if big_m > 1:
         step = g.op("Div", g.op("Sub", one_f, c0), g.const(float(big_m - 1), "float32"))
-        j = g.const([list(range(big_m))], "float32")  # [1, M]
-        ys = g.op("Add", c0, g.op("Mul", j, step))  # [B, M]
+        ys = g.op("Add", c0, g.op("Mul", g.const([list(range(big_m))], "float32"), step))  # [B, M]; no FMA
     else:
         ys = c0
-    dist = g.op("Abs", g.op("Sub", g.op("Unsqueeze", ys, g.const([2])), g.op("Unsqueeze", ft, ax1)))
-    dist = g.op("Where", g.op("Unsqueeze", valid_sorted, ax1), dist, big_f)  # [B, M, P]
-    pick = g.op("ArgMin", dist, axis=2, keepdims=0, select_last_index=0)  # first minimum: lower F~ on a tie
-    # De-duplicate: flag each picked sorted position. Every update writes the same value 1, so the result
-    # is the same whatever order duplicate indices are applied in.
-    ones = g.op("Add", g.op("Mul", g.cast(pick, FLOAT), zero_f), one_f)  # [B, M] of 1.0
-    flags = g.op("ScatterElements", g.op("Mul", r_sorted, zero_f), pick, ones, axis=1)
-    picked = g.op("And", g.op("Greater", flags, g.const(0.5, "float32")), valid_sorted)  # [B, P] sorted order
-    rank = g.op("CumSum", g.cast(picked, INT64), g.const(1))  # 1-based output slot of each kept token
-    k_out_t = g.const(k_out_static) if k_out_static is not None else g.op("Min", g.const([k_max]), n_t)
-    keep = g.op("And", picked, g.op("Less", rank, k_out_t))  # at most K_out - 1 kept patches
-    count_out = g.op("Add", _reduce(g, "ReduceSum", g.cast(keep, INT64), [1], keepdims=0), g.const(1))
-    # Compact: the kept sorted positions in ascending order are the first T entries of an ascending TopK
-    # over (position if kept else BIG); T = K_out - 1 (static) or max(count_out) - 1 (dynamic).
-    if mode == "dynamic":
-        t_dim = g.op("Sub", _reduce(g, "ReduceMax", count_out, [0], keepdims=1), g.const([1]))
-    else:
-        assert k_out_static is not None, "static mode needs a static slot count"
-        t_dim = g.const([k_out_static - 1])
-    key2 = g.op("Where", keep, g.cast(pos, FLOAT), big_f)
-    vals2, sel = g.op("TopK", key2, t_dim, axis=1, largest=0, sorted=1, outputs=2)  # [B, T]
-    slot_ids = g.op("Add", g.op("GatherElements", order, sel, axis=1), g.const(1))
-    body = g.op("Where", g.op("Less", vals2, big_f), slot_ids, g.const(0))
-    cls_col = g.op("Mul", g.op("Unsqueeze", count_out, ax1), g.const(0))
-    indices = g.op("Concat", cls_col, body, axis=1)
+    ft_v = masked(ft, big_f)  # padding far above every grid point
+
+    # a_j = #{valid p : F~_p <= y_j}: ascending sort of [F~ | y] (equal values: F~ first, by index); the
+    # running count of F~ entries, read at each y's position through the inverse permutation.
+    _, perm = g.op(
+        "TopK", g.op("Concat", ft_v, ys, axis=1), g.op("Add", g.dim(p_dim), g.const([big_m])),
+        axis=1, largest=0, sorted=1, outputs=2,
+    )
+    running = g.op("CumSum", g.cast(g.op("Less", perm, g.dim(p_dim)), INT64), ax1)
+    a = g.op("Slice", g.op("ScatterElements", perm, perm, running, axis=1), g.dim(p_dim), end, ax1)  # [B, M]
+    a3 = g.op("Unsqueeze", a, ax2)  # [B, M, 1]
+
+    # The two neighbours L = a - 1 (F~ <= y) and R = a (F~ > y); the first minimum of |y - F~| is L on
+    # a tie (ArgMin's first index). Out-of-range R is clamped onto L: the same distance, so L still wins.
+    p_last = g.op("Squeeze", g.op("Sub", g.dim(p_dim), ax1), g.const([0]))
+    # Gathers of F~ at [B, ...] positions go through the flattened [B * P] tensor (row offsets b * P):
+    # one Gather, much cheaper in ONNX Runtime than GatherND over many small index tuples.
+    ft_flat = g.op("Reshape", ft_v, g.const([-1]))
+    batch = g.op("Squeeze", g.shape_of(scores, 0), g.const([0]))
+    offsets = g.op("Mul", g.op("Range", g.const(0), batch, g.const(1)), g.op("Squeeze", g.dim(p_dim), g.const([0])))
+    offsets = g.op("Unsqueeze", offsets, g.const([1, 2]))  # [B, 1, 1]
+
+    def take(positions: str) -> str:
+        return g.op("Gather", ft_flat, g.op("Add", g.op("Clip", positions, g.const(0), p_last), offsets), axis=0)
+
+    both = g.op("Add", a3, g.const([-1, 0]))  # [B, M, 2]
+    ys3 = g.op("Unsqueeze", ys, ax2)  # [B, M, 1]
+    dist = g.op("Abs", g.op("Sub", ys3, take(both)))  # [B, M, 2]
+    take_hi = g.op("Cast", g.op("ArgMin", dist, axis=2, keepdims=1, select_last_index=0), to=BOOL)
+    d_lo = g.op("Slice", dist, g.const([0]), ax1, ax2)  # [B, M, 1]
+
+    # First argmin on the lower side: the first patch p with fl(y - F~_p) == d_lo. fl(y - F~_p) does not
+    # increase with p, and patches above y or padding give negative differences, so that patch is
+    # #{p : fl(y - F~_p) > d_lo}: counted over block starts, then inside the block where the run begins.
+    bs = max(int(round(p_bound**0.5)), 1)
+    starts = g.op("Slice", g.op("Unsqueeze", ft_v, ax1), g.const([0]), end, ax2, g.const([bs]))  # [B, 1, nb]
+    c1 = _reduce(g, "ReduceSum", g.cast(g.op("Greater", g.op("Sub", ys3, starts), d_lo), INT64), [2], keepdims=1)
+    first = g.op("Mul", c1, g.const(bs))  # [B, M, 1]: one past the last block start before the run
+    inner_ft = take(g.op("Add", first, g.const(list(range(-bs, 0)))))  # [B, M, bs]
+    c2 = _reduce(g, "ReduceSum", g.cast(g.op("Greater", g.op("Sub", ys3, inner_ft), d_lo), INT64), [2], keepdims=1)
+    first = g.op("Max", g.op("Add", first, g.op("Sub", c2, g.const(bs))), g.const(0))
+    pick = g.op("Squeeze", g.op("Where", take_hi, a3, first), ax2)  # [B, M] sorted positions
+
+    # Kept = picked at least once; every update writes the same 1, so duplicate picks are harmless.
+    flags = g.op("ScatterElements", g.op("Mul", order, g.const(0)), pick, g.op("Add", g.op("Mul", pick, g.const(0)), g.const(1)), axis=1)
+    picked = g.op("Cast", flags, to=BOOL)
+    if not all_valid:
+        picked = g.op("And", picked, valid)
+    rank = g.op("CumSum", g.cast(picked, INT64), ax1)  # 1-based output slot of each kept patch
+    if not (static and int(k_out) > p_bound):
+        picked = g.op("And", picked, g.op("Less", rank, g.dim(k_out)))  # at most K_out - 1 kept patches
+    count_out = g.op("Add", _reduce(g, "ReduceSum", g.cast(picked, INT64), [1], keepdims=0), g.const(1))
+    # Compact: kept patch -> its rank; any other sorted position -> a slot of its own past K_out (targets
+    # stay unique, so the scatter is deterministic on every backend); keep the first K_out (or s) slots.
+    target = g.op("Where", picked, rank, g.op("Add", g.arange(0, p_dim), g.dim(k_out)))
+    rows = g.op("Concat", g.shape_of(order, 0), g.dim(k_out), axis=0)
+    buf = g.op("Concat", g.op("Mul", order, g.const(0)), g.op("Expand", g.const([[0]]), rows), axis=1)
+    placed = g.op("ScatterElements", buf, target, g.op("Add", order, g.const(1)), axis=1)
+    width = _reduce(g, "ReduceMax", count_out, [0], keepdims=1) if mode == "dynamic" else g.dim(k_out)
+    indices = g.op("Slice", placed, g.const([0]), width, ax1)
+    if index_type == INT64:
+        return indices, count_out
     return g.cast(indices, INT32), g.cast(count_out, INT32)

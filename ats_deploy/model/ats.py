@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .reference import BIG, grid_size, output_slots
 
-__all__ = ["BIG", "token_scores", "select_tokens"]
+__all__ = ["BIG", "token_scores", "select_tokens", "nearest_first"]
 
 
 def token_scores(cls_attn: Tensor, v: Tensor) -> Tensor:
@@ -26,6 +26,31 @@ def token_scores(cls_attn: Tensor, v: Tensor) -> Tensor:
     b, h, n, d = v.shape
     v_cat = v.float().transpose(1, 2).reshape(b, n, h * d)
     return cls_attn.float().sum(dim=1) * torch.linalg.vector_norm(v_cat, ord=2, dim=-1)
+
+
+def nearest_first(ft: Tensor, ys: Tensor) -> Tensor:
+    """For each grid point y_j, the first sorted position p minimising float32 |y_j - F~_p|.
+
+    ``ft`` [B, P] ascending (padding as BIG), ``ys`` [B, M] ascending. Exactly the first argmin over all
+    p, computed in O(P + M sqrt(P)) like the portable ONNX sampler: the two neighbours of y_j (nearer
+    wins, the lower one on a tie); when the lower one L wins, the first p whose fl(y_j - F~_p) rounds to
+    the same value as fl(y_j - F~_L), found by counting, over block starts and then inside one block of
+    about sqrt(P) positions, the p with a larger difference (it does not increase with p).
+    """
+    b, p = ft.shape
+    a = torch.searchsorted(ft, ys, right=True)  # #{p : F~_p <= y_j}
+    both = torch.stack([(a - 1).clamp(0, p - 1), a.clamp(0, p - 1)], dim=2)  # [B, M, 2]
+    dist = torch.abs(ys[:, :, None] - torch.gather(ft, 1, both.view(b, -1)).view(both.shape))
+    take_hi = dist[:, :, 1] < dist[:, :, 0]
+    d_lo = dist[:, :, :1]
+    bs = max(int(round((p - 1) ** 0.5)), 1) if p > 1 else 1
+    starts = ft[:, None, ::bs]  # [B, 1, nb]
+    first = ((ys[:, :, None] - starts) > d_lo).sum(dim=2, keepdim=True) * bs  # [B, M, 1]
+    inner = (first + torch.arange(-bs, 0, device=ft.device)).clamp(0, p - 1)  # [B, M, bs]
+    inner_ft = torch.gather(ft, 1, inner.view(b, -1)).view(inner.shape)
+    c2 = ((ys[:, :, None] - inner_ft) > d_lo).sum(dim=2, keepdim=True)
+    first = (first + c2 - bs).clamp(min=0)[:, :, 0]
+    return torch.where(take_hi, a, first)
 
 
 def select_tokens(scores: Tensor, count_in: Tensor, *, k_max: int, n_ref: int) -> tuple[Tensor, Tensor]:
@@ -71,10 +96,8 @@ def select_tokens(scores: Tensor, count_in: Tensor, *, k_max: int, n_ref: int) -
     big_m = grid_size(k_max, n_ref)
     step = (1.0 - c0) / float(max(big_m - 1, 1)) if big_m > 1 else torch.zeros_like(c0)
     j = torch.arange(big_m, device=dev, dtype=torch.float32)
-    ys = c0 + j[None, :] * step  # [B, M]; two separate ops, never a fused multiply-add
-    dist = torch.abs(ys[:, :, None] - ft[:, None, :])
-    dist = torch.where(valid_sorted[:, None, :], dist, torch.full((), BIG, device=dev))
-    pick = torch.argmin(dist, dim=2)  # first minimum = lower F~ on an exact tie
+    ys = (c0 + j[None, :] * step).contiguous()  # [B, M]; two separate ops, never a fused multiply-add
+    pick = nearest_first(torch.where(valid_sorted, ft, torch.full((), BIG, device=dev)), ys)
     picked = torch.zeros(b, p, dtype=torch.bool, device=dev).scatter_(1, pick, True) & valid_sorted
     rank = torch.cumsum(picked.to(torch.int64), dim=1)  # 1-based output slot of each kept token
     keep = picked & (rank < k_out)

@@ -48,6 +48,8 @@ __all__ = [
     "summarize",
     "step_timer",
     "measure_interleaved",
+    "paired_ratio",
+    "Ratio",
     "make_factory",
     "environment",
     "progress_bar",
@@ -128,6 +130,46 @@ def measure_interleaved(
             if advance:
                 advance(1)
     return out
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A measured latency ratio (variant / baseline) with a bootstrap confidence interval."""
+
+    median: float  # median over rounds of the per-round ratio
+    low: float
+    high: float
+    rounds: int
+    confidence: float
+
+    def text(self) -> str:
+        return f"{self.median:.3f} [{self.low:.3f}, {self.high:.3f}] ({self.confidence:.0%}, {self.rounds} rounds)"
+
+
+def paired_ratio(
+    variant_ms: Sequence[float],
+    baseline_ms: Sequence[float],
+    *,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> Ratio:
+    """Median of the per-round ratios variant/baseline, with a percentile-bootstrap interval.
+
+    The samples must come from :func:`measure_interleaved` (round r of both lists ran side by side), so a
+    slow spell of the machine hits both terms of a ratio alike; the interval says how far the median
+    could move on another run of the same length.
+    """
+    v = np.asarray(variant_ms, dtype=np.float64)
+    b = np.asarray(baseline_ms, dtype=np.float64)
+    if v.shape != b.shape or v.size == 0:
+        raise ValueError(f"paired samples differ in length ({v.size} vs {b.size}) or are empty")
+    r = v / b
+    rng = np.random.default_rng(seed)
+    boot = np.median(r[rng.integers(0, r.size, size=(resamples, r.size))], axis=1)
+    tail = (1.0 - confidence) / 2 * 100
+    lo, hi = np.percentile(boot, [tail, 100 - tail])
+    return Ratio(float(np.median(r)), float(lo), float(hi), int(r.size), confidence)
 
 
 # -- backends -------------------------------------------------------------------------------------------
