@@ -177,6 +177,9 @@ def export(
             out, calib_data, method=calib_method, progress=not as_json, skip_unreadable=skip_unreadable
         )
         extra.update(written)
+    hint = static_hint(ck.config, ats)
+    if hint:
+        typer.echo(hint, err=True)
     if as_json:
         from .artifacts import read_manifest
 
@@ -193,6 +196,22 @@ def export(
             typer.echo(format_parity(res.parity, title="PyTorch vs ONNX Runtime"))
     if res.parity is not None and not res.parity.passed:
         raise GateFailed("parity gate failed: " + "; ".join(res.parity.failures))
+
+
+def static_hint(cfg, ats) -> str | None:
+    """One line for a static export whose K keeps every slot in every ATS block (it cannot save time)."""
+    from .reports.flops import slots_per_block
+
+    if not ats.blocks or ats.shape_mode != "static":
+        return None
+    slots = slots_per_block(cfg, ats)
+    if any(slots[b][1] < slots[b][0] for b in ats.blocks):
+        return None
+    return (
+        f"hint: with --shape static and K >= {cfg.num_tokens} tokens every block keeps all its slots, so this graph "
+        "cannot be faster than dense (it adds the sampler); for speed use --shape dynamic or a smaller --max-k "
+        "(ats-deploy tune-k measures one)"
+    )
 
 
 @app.command()
@@ -461,13 +480,20 @@ def tune_k_cmd(
     ] = 2,
     reps: Annotated[int, typer.Option("--reps", min=1, help="Timed runs per token count.")] = 15,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs before timing.")] = 3,
+    check_reps: Annotated[
+        int, typer.Option("--check-reps", min=5, help="Rounds timing each checked schedule against dense.")
+    ] = 40,
+    checks: Annotated[int, typer.Option("--checks", min=1, help="Most schedules to measure before giving up.")] = 4,
     threads: Annotated[int, typer.Option("--threads", min=0, help="CPU threads (0 = all).")] = 0,
     fp32: Annotated[bool, typer.Option("--fp32", help="torch on CUDA: no fp16 autocast.")] = False,
     heads: HeadsOpt = None,
     trust_pickle: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure dense latency vs token count and propose per-block K on its steps, never slower than dense."""
+    """Measure dense latency vs token count and propose per-block K on its steps, never slower than dense.
+
+    A schedule is proposed only if its measured ATS/dense ratio, with its 95% interval, stays at or below
+    --target; otherwise the answer is "not feasible at this batch"."""
     from .reports.tune import format_tune, tune_k
 
     src = (
@@ -488,6 +514,8 @@ def tune_k_cmd(
         stack_depth=stack_depth,
         reps=reps,
         warmup=warmup,
+        check_reps=check_reps,
+        checks=checks,
         threads=threads,
         fp16=not fp32,
         trust_pickle=trust_pickle,
@@ -497,7 +525,13 @@ def tune_k_cmd(
         _print_json(res.to_dict())
     else:
         typer.echo(format_tune(res))
-        typer.echo(f"use: ats-deploy export ... --max-k {','.join(map(str, res.k_schedule))}")
+        if res.feasible:
+            typer.echo(f"use: ats-deploy export ... --max-k {','.join(map(str, res.k_schedule))}")
+        else:
+            typer.echo(
+                "hint: static ATS does not beat dense here at this batch; try --shape dynamic (compute follows K'),"
+                " a larger batch, or a looser --target"
+            )
 
 
 @app.command()

@@ -127,14 +127,7 @@ class _VitEmitter:
         # Scores from the CLS query row, in float32. Nodes of the score and sampler path are named
         # "blocks.<i>/ats/..." so precision passes can keep them in float32 by name.
         g.scope = p + "/ats/"
-        q_cls = self.heads(g.op("Slice", q_all, g.const([0]), g.const([1]), g.const([1])))
-        logits = g.op("Mul", g.op("MatMul", q_cls, k_t), self.scale)
-        if bias is not None:
-            logits = g.op("Add", logits, bias)
-        attn = g.cast(g.op("Softmax", logits, axis=-1), FLOAT)  # [B, H, 1, n]
-        cls_attn = g.op("Squeeze", _reduce(g, "ReduceSum", attn, [1], keepdims=0), g.const([1]))  # [B, n]
-        v_norm = _reduce(g, "ReduceL2", g.cast(v_all, FLOAT), [2], keepdims=0)  # [B, n]
-        scores = g.op("Mul", cls_attn, v_norm)
+        scores = self.cls_scores(q_all, k_all, v_all, bias)
         idx, count_out = self.sample(scores, count, n, k_max, valid)
         g.scope = p + "/"
         idx3 = g.op("Unsqueeze", idx, g.const([2]))  # [B, K, 1] int64
@@ -148,6 +141,27 @@ class _VitEmitter:
         out = self.attend(q_sel, k_t, v, bias)
         x = g.op("Add", g.op("GatherND", x, idx3, batch_dims=1), self.linear(self.merge(out), p + ".attn.proj"))
         return self.mlp(x, p), idx, count_out
+
+    def cls_scores(self, q_all: str, k_all: str, v_all: str, bias: str | None) -> str:
+        """r_j = (sum over heads of the CLS row's softmax) * ||V_j||, [B, n] float32.
+
+        The CLS query row of every head comes from one GEMM: keys [B, n, C] times the CLS query laid out
+        block-diagonally, [B, C, H] (column h holds head h's query in head h's channels, zeros elsewhere),
+        which gives the logits [B, n, H]; a batched [1 x d] x [d x n] product per head costs several times
+        more in ONNX Runtime. Zeros add nothing to a dot product, so each logit is the same sum of the same
+        products (summation order aside, as in any GEMM).
+        """
+        g, c = self.g, self.cfg
+        heads = np.kron(np.eye(c.num_heads, dtype=np.float32), np.ones((c.head_dim, 1), np.float32))  # [C, H]
+        q0 = g.op("Reshape", g.cast(g.op("Slice", q_all, g.const([0]), g.const([1]), g.const([1])), FLOAT), g.const([0, -1, 1]))
+        logits = g.op("MatMul", g.cast(k_all, FLOAT), g.op("Mul", q0, g.const(heads, "float32")))  # [B, n, H]
+        logits = g.op("Mul", logits, g.const(c.head_dim**-0.5, "float32"))
+        if bias is not None:
+            logits = g.op("Add", logits, g.op("Reshape", g.cast(bias, FLOAT), g.const([0, -1, 1])))
+        cls_attn = _reduce(g, "ReduceSum", g.op("Softmax", logits, axis=1), [2], keepdims=0)  # [B, n]
+        v = g.cast(v_all, FLOAT)
+        v_norm = g.op("Sqrt", _reduce(g, "ReduceSum", g.op("Mul", v, v), [2], keepdims=0))  # [B, n]
+        return g.op("Mul", cls_attn, v_norm)
 
     def keeps_every_slot(self, k_max: int, n: Dim) -> bool:
         """Static mode with K_out = n: the block's output has as many slots as its input."""

@@ -13,12 +13,18 @@ Method (``tune_k``):
    saved: its extra time over dense, per stage, is the sampler overhead).
 2. Steps: a non-decreasing fit of the sweep (pool-adjacent-violators), cut into plateaus whose rise stays
    below the noise threshold; the largest n on each plateau is a candidate (the cheapest count on its step).
-3. Schedule: start every ATS block at the top candidate (K = n_ref) and lower, one step at a time, the
-   block whose step saves the most predicted time per token slot lost, until the predicted ATS latency is
-   at most ``target_ratio`` x dense (minus ``margin``). Prediction: dense latency plus, per block, the
-   change of its per-block time at its token counts (an ATS block runs qkv over its input slots and the
-   rest over its output slots, split by FLOP share) plus the sampler overhead per stage.
-4. Check: build that ATS model and time it side by side with dense; return predicted vs measured.
+3. Path: start every ATS block at the top candidate (K = n_ref) and lower, one step at a time, the
+   block whose step saves the most predicted time per token slot lost, down to ``k_min``. Prediction:
+   dense latency plus, per block, the change of its per-block time at its token counts (an ATS block runs
+   qkv over its input slots and the rest over its output slots, split by FLOP share) plus the sampler
+   overhead per stage, measured (ATS at K = n_ref against dense, paired per round; not clamped, so a
+   noisy estimate shows as such).
+4. Decide on measurements, not on the prediction: the first schedule on the path predicted to reach
+   ``target_ratio`` x dense (minus ``margin``) is built and timed against dense, interleaved, and the
+   median of the per-round ratios gets a bootstrap interval. It is accepted only if the whole interval
+   is at or below the target; otherwise lower schedules on the path are measured in turn (at most
+   ``checks``). If none qualifies the answer is "not feasible at this batch", with what was measured,
+   never a schedule that measured slower.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from .flops import block_flops
 from .latency import (
     make_factory,
     measure_interleaved,
+    paired_ratio,
     progress_bar,
     step_timer,
     summarize,
@@ -66,21 +73,26 @@ class TuneResult:
     backend: str
     batch: int
     blocks: tuple[int, ...]
-    k_schedule: tuple[int, ...]
-    feasible: bool  # the target was reached with K >= k_min
+    k_schedule: tuple[int, ...]  # the accepted schedule; the last one measured when not feasible
+    feasible: bool  # a schedule's whole measured interval is at or below the target
     target_ratio: float
     sweep_tokens: tuple[int, ...]
     sweep_ms: tuple[float, ...]  # p20 of the block stack at each token count (see SWEEP_QUANTILE)
     fit_ms: tuple[float, ...]  # its non-decreasing fit
     stack_depth: int
     step_ends: tuple[int, ...]  # largest token count on each plateau
-    overhead_ms: float  # sampler overhead per ATS stage
+    overhead_ms: float  # sampler overhead per ATS stage, measured (may be negative when noise wins)
+    overhead_ratio: tuple[float, float, float]  # ATS at K = n_ref / dense: median and interval
     dense_sweep_ms: float  # dense model p20 measured during the sweep
     predicted_ms: float  # predicted_ratio x the dense p50 measured in the check run
     predicted_ratio: float  # predicted ATS / dense, from the sweep
     measured_ms: dict  # summarize() of the ATS model with the schedule
     measured_dense_ms: dict  # summarize() of the dense model, same run
-    measured_ratio: float
+    measured_ratio: float  # median of the per-round ATS / dense ratios of the final check
+    ratio_low: float
+    ratio_high: float
+    confidence: float
+    checks: tuple[dict, ...]  # every schedule measured: k_schedule, predicted, ratio, low, high
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -166,13 +178,13 @@ def stack_onnx(cfg: ViTConfig, sd: dict, *, tokens: int, depth: int, k: int | No
     pixels = g.input("pixels", FLOAT, [batch, cfg.in_chans, cfg.img_size, cfg.img_size])
     x, b = em.embed(pixels)
     x = g.op("Slice", x, g.const([0]), g.const([tokens]), g.const([1]))
-    count = g.op("Expand", g.const([tokens], "int32"), b)
-    n, bias, extra = tokens, None, cfg.num_prefix_tokens - 1
+    count = g.op("Expand", g.const([tokens]), b)
+    n, mask, extra = tokens, None, cfg.num_prefix_tokens - 1
     for i in ids:
-        x, idx, cnt = em.block(i, x, count, n, bias)
+        x, idx, cnt = em.block(i, x, count, n, mask)
         if idx is not None:
             count, n = cnt, output_slots(k or n, n - extra) + extra
-            bias = em.key_bias(count, n)
+            mask = em.key_mask(count, n)
     g.scope = "head/"
     cls = g.op("Gather", em.layer_norm(x, "norm"), g.const(0), axis=1)
     g.op("Identity", em.linear(cls, "head"), outputs=["logits"])
@@ -315,6 +327,9 @@ def tune_k(
     model: str | Path | None = None,
     trust_pickle: bool = False,
     progress: bool = True,
+    check_reps: int = 40,
+    checks: int = 4,
+    confidence: float = 0.95,
 ) -> TuneResult:
     """Propose per-block K on the latency steps of ``backend`` at ``batch``, then measure it against dense.
 
@@ -323,6 +338,8 @@ def tune_k(
     hand for measurement noise. ``refine`` re-sweeps token by token inside each detected jump (finds the
     exact step edge; costs up to ``step - 1`` points per jump). ``step_rel`` is the smallest rise, relative
     to the stack's time at full tokens, that counts as a new step (the noise estimate may raise it).
+    ``check_reps`` rounds time each checked schedule against dense; at most ``checks`` schedules are
+    measured; ``confidence`` is the level of the bootstrap interval that must lie at or below the target.
     """
     if batch < 1:
         raise ConfigError(f"batch {batch} must be >= 1")
@@ -330,6 +347,10 @@ def tune_k(
         raise ConfigError(f"target ratio {target_ratio} must be in (0, 2]; 1.0 = never slower than dense")
     if not 0 <= margin < 0.5:
         raise ConfigError(f"margin {margin} must be in [0, 0.5)")
+    if check_reps < 5 or checks < 1:
+        raise ConfigError(f"check reps {check_reps} must be >= 5 and checks {checks} >= 1 (they decide the schedule)")
+    if not 0.5 <= confidence < 1:
+        raise ConfigError(f"confidence {confidence} must be in [0.5, 1)")
     ckpt, blocks, opset = _source(source, model, trust_pickle, ats_blocks)
     cfg = ckpt.config
     if not blocks:
@@ -383,10 +404,11 @@ def tune_k(
             p50.update({n: float(np.percentile(more[f"n{n}"], SWEEP_QUANTILE)) for n in extra_pts})
             ns = sorted(p50)
             fit = isotonic([p50[n] for n in ns])
-    # The sampler overhead per stage: the full model with K = n_ref (no slot saved anywhere) over dense.
+    # The sampler overhead per stage: the full model with K = n_ref (no slot saved anywhere) over dense,
+    # from the per-round ratios (paired, so a slow spell of the machine hits both terms alike).
     dense_ms = float(np.percentile(samples["dense"], SWEEP_QUANTILE))
-    ats_full = float(np.percentile(samples["ats_full"], SWEEP_QUANTILE))
-    overhead = max(0.0, (ats_full - dense_ms) / len(blocks))
+    over = paired_ratio(samples["ats_full"], samples["dense"], confidence=confidence)
+    overhead = (over.median - 1.0) * dense_ms / len(blocks)
     ends = plateau_ends(ns, fit, threshold)
     fit_arr = np.asarray(fit)
 
@@ -409,9 +431,10 @@ def tune_k(
             tot += n
         return tot
 
-    goal = target_ratio * dense_ms * (1.0 - margin)
-    current = pred(sched)
-    while current > goal:
+    # The path: lower one block by one step at a time, best predicted saving per slot lost first.
+    path = [(dict(sched), pred(sched))]
+    while True:
+        current = path[-1][1]
         best = None
         for b in blocks:
             lower = [c for c in cands if c < sched[b]]
@@ -425,26 +448,49 @@ def tune_k(
         if best is None:
             break
         sched = best[1]
-        current = pred(sched)
-    # Report the effective schedule: K never above the slots reaching the block (valid, on the same steps).
-    k_sched = _effective(cfg, blocks, sched)
-    feasible = current <= goal
-    ats = ATSConfig(blocks=tuple(blocks), k_schedule=k_sched)
-    with progress_bar(progress, 2 * (warmup + reps), "tune-k check") as adv:
-        runners = {"ats": full(ats, batch), "dense": full(dense, batch)}
-        try:
-            timers = {k: step_timer(r, x)[0] for k, r in runners.items()}
-            meas = measure_interleaved(timers, warmup=warmup, reps=reps, advance=adv)
-        finally:
-            for r in runners.values():
-                r.close()
-    m_ats, m_dense = summarize(meas["ats"], batch), summarize(meas["dense"], batch)
-    ratio = current / dense_ms
+        path.append((dict(sched), pred(sched)))
+    goal = target_ratio * dense_ms * (1.0 - margin)
+    start = next((i for i, (_, p) in enumerate(path) if p <= goal), len(path) - 1)
+    order = [start] + [i for i in _spread(start + 1, len(path), checks - 1)]
+    tried: list[dict] = []
+    chosen = None
+    with progress_bar(progress, len(order) * 2 * (warmup + check_reps), "tune-k check") as adv:
+        for i in order:
+            ks = _effective(cfg, blocks, path[i][0])
+            ats = ATSConfig(blocks=tuple(blocks), k_schedule=ks)
+            runners = {"ats": full(ats, batch), "dense": full(dense, batch)}
+            try:
+                timers = {k: step_timer(r, x)[0] for k, r in runners.items()}
+                meas = measure_interleaved(timers, warmup=warmup, reps=check_reps, advance=adv)
+            finally:
+                for r in runners.values():
+                    r.close()
+            ratio = paired_ratio(meas["ats"], meas["dense"], confidence=confidence)
+            check = {
+                "k_schedule": list(ks),
+                "predicted_ratio": round(path[i][1] / dense_ms, 4),
+                "ratio": round(ratio.median, 4),
+                "low": round(ratio.low, 4),
+                "high": round(ratio.high, 4),
+                "ats": summarize(meas["ats"], batch),
+                "dense": summarize(meas["dense"], batch),
+            }
+            tried.append(check)
+            if ratio.high <= target_ratio:
+                chosen = (i, ks, ratio, check)
+                break
+    feasible = chosen is not None
+    if chosen is None:  # report the last measured schedule, marked not feasible
+        last = order[len(tried) - 1]
+        chosen = (last, tuple(tried[-1]["k_schedule"]), None, tried[-1])
+    i, k_sched, ratio, check = chosen
+    pr = path[i][1] / dense_ms
+    m_ats, m_dense = check["ats"], check["dense"]
     return TuneResult(
         backend=info["name"],
         batch=batch,
         blocks=tuple(blocks),
-        k_schedule=k_sched,
+        k_schedule=tuple(k_sched),
         feasible=feasible,
         target_ratio=target_ratio,
         sweep_tokens=tuple(ns),
@@ -453,13 +499,27 @@ def tune_k(
         stack_depth=stack_depth,
         step_ends=tuple(ends),
         overhead_ms=overhead,
+        overhead_ratio=(over.median, over.low, over.high),
         dense_sweep_ms=dense_ms,
-        predicted_ms=ratio * m_dense["p50_ms"],
-        predicted_ratio=ratio,
+        predicted_ms=pr * m_dense["p50_ms"],
+        predicted_ratio=pr,
         measured_ms=m_ats,
         measured_dense_ms=m_dense,
-        measured_ratio=m_ats["p50_ms"] / m_dense["p50_ms"],
+        measured_ratio=check["ratio"],
+        ratio_low=check["low"],
+        ratio_high=check["high"],
+        confidence=confidence,
+        checks=tuple({k: v for k, v in c.items() if k not in ("ats", "dense")} for c in tried),
     )
+
+
+def _spread(lo: int, hi: int, count: int) -> list[int]:
+    """Up to ``count`` indices in [lo, hi), evenly spread, always including hi - 1 when non-empty."""
+    if count <= 0 or lo >= hi:
+        return []
+    if hi - lo <= count:
+        return list(range(lo, hi))
+    return sorted({lo + round(j * (hi - 1 - lo) / (count - 1)) for j in range(count)}) if count > 1 else [hi - 1]
 
 
 def _effective(cfg: ViTConfig, blocks: Sequence[int], sched: dict[int, int]) -> tuple[int, ...]:
@@ -476,13 +536,28 @@ def _effective(cfg: ViTConfig, blocks: Sequence[int], sched: dict[int, int]) -> 
 
 def format_tune(res: TuneResult) -> str:
     """Human-readable summary of a tune-k run."""
+    o_med, o_lo, o_hi = res.overhead_ratio
+    ci = f"{res.confidence:.0%} interval"
+    head = (
+        f"tune-k on {res.backend}, batch {res.batch}: K schedule {list(res.k_schedule)} for blocks {list(res.blocks)}"
+        if res.feasible
+        else f"tune-k on {res.backend}, batch {res.batch}: not feasible at this batch (no schedule measured at or "
+        f"below {res.target_ratio:g}x dense with {ci})"
+    )
     lines = [
-        f"tune-k on {res.backend}, batch {res.batch}: K schedule {list(res.k_schedule)} for blocks {list(res.blocks)}",
+        head,
         f"  steps (largest token count per plateau): {list(res.step_ends)}",
-        f"  sampler overhead {res.overhead_ms:.3f} ms per stage; dense p20 {res.dense_sweep_ms:.3f} ms in the sweep",
-        f"  predicted {res.predicted_ms:.3f} ms ({res.predicted_ratio:.3f}x dense, target {res.target_ratio:g}x)"
-        + ("" if res.feasible else "  [target not reachable with K >= k_min]"),
-        f"  measured  {res.measured_ms['p50_ms']:.3f} ms vs dense {res.measured_dense_ms['p50_ms']:.3f} ms"
-        f" ({res.measured_ratio:.3f}x)",
+        f"  sampler overhead {res.overhead_ms:+.3f} ms per stage (K = n_ref vs dense: {o_med:.3f}x "
+        f"[{o_lo:.3f}, {o_hi:.3f}]); dense p20 {res.dense_sweep_ms:.3f} ms in the sweep",
     ]
+    for c in res.checks:
+        verdict = "ok" if c["high"] <= res.target_ratio else "slower than the target"
+        lines.append(
+            f"  checked {c['k_schedule']}: predicted {c['predicted_ratio']:.3f}x, measured {c['ratio']:.3f}x "
+            f"[{c['low']:.3f}, {c['high']:.3f}] ({ci}) -> {verdict}"
+        )
+    lines.append(
+        f"  measured  {res.measured_ms['p50_ms']:.3f} ms vs dense {res.measured_dense_ms['p50_ms']:.3f} ms "
+        f"(p50s; ratio {res.measured_ratio:.3f}x [{res.ratio_low:.3f}, {res.ratio_high:.3f}])"
+    )
     return "\n".join(lines)

@@ -55,6 +55,20 @@ def test_export_default_model_json(tmp_path):
 
         assert hashlib.sha256((tmp_path / "o" / name).read_bytes()).hexdigest() == meta["sha256"]
     assert not list((tmp_path / "o").glob(".*tmp*")), "no temporary files left behind"
+    # K = 197 static keeps every slot: export says once, on stderr, that this form cannot save time.
+    assert res.stderr.count("hint: with --shape static and K >= 197 tokens") == 1
+
+
+def test_static_hint_only_where_no_block_drops_a_slot(tiny_cfg):
+    from ats_deploy.cli import static_hint
+    from ats_deploy.model.config import ATSConfig, resolve_ats
+
+    n = tiny_cfg.num_tokens
+    assert static_hint(tiny_cfg, resolve_ats(tiny_cfg)) is not None  # K = n_ref >= n everywhere
+    assert static_hint(tiny_cfg, resolve_ats(tiny_cfg, max_k=str(n))) is not None
+    assert static_hint(tiny_cfg, resolve_ats(tiny_cfg, max_k=str(n - 1))) is None  # first ATS block drops one
+    assert static_hint(tiny_cfg, resolve_ats(tiny_cfg, shape_mode="dynamic")) is None
+    assert static_hint(tiny_cfg, ATSConfig()) is None  # dense
 
 
 def test_export_human_output_and_manifest(exported):

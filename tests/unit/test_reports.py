@@ -196,20 +196,53 @@ def test_tune_k_returns_a_valid_schedule_and_predicted_vs_measured(tiny_ckpt):
     from ats_deploy.reports.tune import format_tune, tune_k
 
     cfg = tiny_ckpt.config
-    res = tune_k(tiny_ckpt, backend="onnxruntime", batch=1, step=16, stack_depth=1, **FAST)
+    res = tune_k(tiny_ckpt, backend="onnxruntime", batch=1, step=16, stack_depth=1, check_reps=6, checks=2, **FAST)
     assert res.blocks == resolve_ats(cfg).blocks and len(res.k_schedule) == len(res.blocks)
     assert all(2 <= k <= cfg.n_ref for k in res.k_schedule)
     assert list(res.k_schedule) == sorted(res.k_schedule, reverse=True)  # effective K never grows
     assert res.sweep_tokens[-1] == cfg.num_tokens and set(res.step_ends) <= set(res.sweep_tokens)
     assert np.all(np.diff(res.fit_ms) >= 0)
-    assert res.overhead_ms >= 0 and res.predicted_ms > 0 and res.dense_sweep_ms > 0
+    assert res.predicted_ms > 0 and res.dense_sweep_ms > 0
+    # The overhead is the measured K = n_ref ratio, not clamped: its sign follows the measurement.
+    o_med, o_lo, o_hi = res.overhead_ratio
+    assert o_lo <= o_med <= o_hi
+    assert res.overhead_ms == pytest.approx((o_med - 1.0) * res.dense_sweep_ms / len(res.blocks))
     assert res.predicted_ms == pytest.approx(res.predicted_ratio * res.measured_dense_ms["p50_ms"])
-    assert res.measured_ms["p50_ms"] > 0 and res.measured_dense_ms["p50_ms"] > 0
-    assert res.measured_ratio == pytest.approx(res.measured_ms["p50_ms"] / res.measured_dense_ms["p50_ms"])
-    if res.feasible:
-        assert res.predicted_ratio <= res.target_ratio
-    assert "K schedule" in format_tune(res)
+    # Decisions rest on the checks: accepted only with the whole interval at or below the target.
+    assert 1 <= len(res.checks) <= 2
+    assert res.ratio_low <= res.measured_ratio <= res.ratio_high
+    last = res.checks[-1]
+    assert list(res.k_schedule) == last["k_schedule"] and res.measured_ratio == last["ratio"]
+    assert res.feasible == (last["high"] <= res.target_ratio)
+    assert all(c["high"] > res.target_ratio for c in res.checks[:-1])  # earlier checks were rejected
+    text = format_tune(res)
+    assert ("K schedule" in text) == res.feasible and ("not feasible" in text) != res.feasible
     json.dumps(res.to_dict())
+
+
+def test_tune_k_says_not_feasible_rather_than_slower(tiny_ckpt):
+    """An unreachable target (ATS 100x faster than dense): every check fails, and the answer says so."""
+    from ats_deploy.reports.tune import format_tune, tune_k
+
+    res = tune_k(
+        tiny_ckpt, backend="onnxruntime", batch=1, step=16, stack_depth=1, target_ratio=0.01, check_reps=5,
+        checks=2, **FAST,
+    )
+    assert not res.feasible and 1 <= len(res.checks) <= 2
+    assert all(c["high"] > 0.01 for c in res.checks)
+    assert "not feasible at this batch" in format_tune(res)
+
+
+def test_paired_ratio_interval():
+    from ats_deploy.reports.latency import paired_ratio
+
+    base = [10.0, 20.0, 10.0, 30.0, 10.0, 10.0]
+    r = paired_ratio([11.0, 22.0, 11.0, 33.0, 11.0, 11.0], base)  # every round 1.1x, whatever the drift
+    assert r.median == pytest.approx(1.1) and r.low == pytest.approx(1.1) and r.high == pytest.approx(1.1)
+    noisy = paired_ratio([9.0, 12.0, 10.0, 11.0, 13.0, 10.0], [10.0] * 6)
+    assert noisy.low < noisy.median < noisy.high and noisy.median == pytest.approx(1.05)
+    with pytest.raises(ValueError):
+        paired_ratio([1.0, 2.0], [1.0])
 
 
 def test_torch_cuda_runner_says_why_without_cuda(tiny_ckpt):
