@@ -48,6 +48,7 @@ __all__ = [
     "summarize",
     "step_timer",
     "measure_interleaved",
+    "ort_ats_share",
     "paired_ratio",
     "Ratio",
     "make_factory",
@@ -498,6 +499,83 @@ def _parity(
     return {"reference": label, "precision": backend_info.get("precision"), "batch": batch, **res.to_dict()}
 
 
+def _cycling_timer(runner: Runner, chunks: Sequence[np.ndarray]) -> Callable[[], float] | None:
+    """perf_counter around ``infer`` on the next chunk each call (inputs change, as in service), or None for
+    runners with their own device timers (those time one staged input)."""
+    if callable(getattr(runner, "timed_step", None)) or callable(getattr(runner, "time_inference", None)):
+        return None
+    turn = [0]
+
+    def run() -> float:
+        x = chunks[turn[0] % len(chunks)]
+        turn[0] += 1
+        t0 = time.perf_counter()
+        runner.infer({"pixels": x})
+        return (time.perf_counter() - t0) * 1e3
+
+    return run
+
+
+def _slots_processed(cfg, ats: ATSConfig, runner: Runner, chunks: Sequence[np.ndarray]) -> list[float]:
+    """Mean input slots of every block over ``chunks``: static from the graph's shapes; dynamic from what
+    each batch really ran (the next block processes the batch's largest count)."""
+    static = [float(n_in) for n_in, _ in slots_per_block(cfg, ats)]
+    if ats.shape_mode != "dynamic":
+        return static
+    widths: dict[int, list[int]] = {b: [] for b in ats.blocks}
+    for x in chunks:
+        out = runner.infer({"pixels": x})
+        for b in ats.blocks:
+            widths[b].append(int(np.asarray(out[f"tokens_{b}"]).shape[1]))
+    n, slots = float(cfg.num_tokens), []
+    for i in range(cfg.depth):
+        slots.append(n)
+        if i in widths:
+            n = float(np.mean(widths[i]))
+    return slots
+
+
+def ort_ats_share(model: bytes, feeds: Sequence[Mapping[str, np.ndarray]], *, threads: int = 0, runs: int = 10) -> dict:
+    """Share of ONNX Runtime's node time spent in each ATS block's score and sampler nodes (``*/ats/*``),
+    from its profiler: per block (of that block's node time) and overall (of the whole graph's).
+
+    The profiler adds a few microseconds to every node, so many small nodes weigh a little more than
+    they do unprofiled: read it as an upper estimate.
+    """
+    import json as _json
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    if threads:
+        so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    with tempfile.TemporaryDirectory() as tmp:
+        so.profile_file_prefix = str(Path(tmp) / "ort")
+        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        for i in range(runs):
+            sess.run(None, dict(feeds[i % len(feeds)]))
+        events = _json.loads(Path(sess.end_profiling()).read_text())
+    total, per_block, ats_per_block = 0.0, {}, {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        name, dur = e["name"], float(e["dur"])
+        total += dur
+        if name.startswith("blocks."):
+            blk = int(name.split(".", 2)[1].split("/", 1)[0])
+            per_block[blk] = per_block.get(blk, 0.0) + dur
+            if "/ats/" in name:
+                ats_per_block[blk] = ats_per_block.get(blk, 0.0) + dur
+    return {
+        "overall": sum(ats_per_block.values()) / total if total else 0.0,
+        "per_block": {str(b): ats_per_block[b] / per_block[b] for b in sorted(ats_per_block)},
+        "runs": runs,
+        "note": "ONNX Runtime profiler; its per-node overhead makes this an upper estimate",
+    }
+
+
 def report(
     out_dir: str | Path,
     *,
@@ -556,9 +634,8 @@ def report(
         pool, pool_label = default_inputs(man["model"].get("source"), images or bs[-1], pre, seed=seed)
     onnx_path = export_dir / "model.onnx"
     exported = (ats, onnx_path, man["graph"].get("batch")) if onnx_path.exists() else None
-    factory, info = make_factory(
-        backend, ckpt, opset=int(man["graph"].get("opset", 17)), threads=threads, fp16=fp16, exported=exported
-    )
+    opset = int(man["graph"].get("opset", 17))
+    factory, info = make_factory(backend, ckpt, opset=opset, threads=threads, fp16=fp16, exported=exported)
     dense = ATSConfig()
     rows: list[dict] = []
     timer_name = ""
@@ -571,6 +648,10 @@ def report(
             runners = {"ats": factory(ats, b), "dense": factory(dense, b)}
             try:
                 x = _pad_to(pool, b)[:b]
+                padded = _pad_to(pool, b)
+                chunks = [padded[i : i + b] for i in range(0, min(len(padded), 16 * b), b)]
+                advance(0, description=f"batch {b}: slots")
+                slots = _slots_processed(cfg, ats, runners["ats"], chunks) if backend != "tensorrt" else None
                 advance(0, description=f"batch {b}: timing")
                 if backend == "tensorrt":  # trtexec times the engines (CUDA graph, no host copies)
                     from ..runtime.trtexec import measure_interleaved as trtexec_interleaved
@@ -584,8 +665,18 @@ def report(
                     timers = {}
                     for name, r in runners.items():
                         timers[name], timer_name = step_timer(r, x)
+                        cycling = _cycling_timer(r, chunks)
+                        if cycling is not None:  # the inputs change every round, the same for both models
+                            timers[name] = cycling
+                            timer_name += f", cycling over {len(chunks)} input batches"
                     samples = measure_interleaved(timers, warmup=warmup, reps=reps, advance=advance)
                     profiles = {}
+                    if backend == "onnxruntime":
+                        from ..exporters.onnx import GraphOptions, build_graph
+
+                        advance(0, description=f"batch {b}: profiling")
+                        proto = build_graph(cfg, ckpt.state_dict, ats, GraphOptions(batch=b, opset=opset))
+                        share = ort_ats_share(proto.SerializeToString(), [{"pixels": c} for c in chunks], threads=threads)
                 info["precision"] = getattr(runners["ats"], "precision", info["precision"])
                 if b == bs[-1]:
                     advance(0, description="token statistics")
@@ -594,7 +685,19 @@ def report(
                 for r in runners.values():
                     r.close()
             a, d = summarize(samples["ats"], b), summarize(samples["dense"], b)
-            row = {"batch": b, "ats": a, "dense": d, "ratio_p50": a["p50_ms"] / d["p50_ms"]}
+            pr = paired_ratio(samples["ats"], samples["dense"])
+            row = {
+                "batch": b,
+                "ats": a,
+                "dense": d,
+                "ratio_p50": a["p50_ms"] / d["p50_ms"],
+                "ratio_paired": {"median": pr.median, "low": pr.low, "high": pr.high, "confidence": pr.confidence},
+            }
+            if slots is not None:  # what ran: input slots per block, and the work ratio it implies
+                row["slots_per_block"] = [round(v, 2) for v in slots]
+                row["token_work_ratio"] = sum(slots) / (cfg.depth * cfg.num_tokens)
+            if backend == "onnxruntime":
+                row["ats_node_share"] = share
             if profiles.get("ats"):  # the sampler plugin's own time, from trtexec's per-layer profile
                 row["plugin_ms"] = profiles["ats"]["plugin_ms"]
                 row["profile_total_ms"] = {n: p["total_ms"] for n, p in profiles.items() if p}

@@ -127,17 +127,40 @@ def render_markdown(data: dict) -> str:
         "",
         "## Latency",
         "",
-        "| batch | model | p50 ms | p90 ms | p99 ms | images/s | ATS/dense p50 |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| batch | model | p50 ms | p90 ms | p99 ms | images/s | ATS/dense p50 | paired ratio [95% CI] "
+        "| token work | ATS share |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["latency"]:
         for key in ("dense", "ats"):
             s = r[key]
-            ratio = f"**{r['ratio_p50']:.3f}**" if key == "ats" else ""
+            cells = ["", "", "", ""]
+            if key == "ats":
+                pr, share = r.get("ratio_paired"), r.get("ats_node_share")
+                cells = [
+                    f"**{r['ratio_p50']:.3f}**",
+                    f"{pr['median']:.3f} [{pr['low']:.3f}, {pr['high']:.3f}]" if pr else "-",
+                    _f(r.get("token_work_ratio")),
+                    f"{share['overall']:.1%}" if share else "-",
+                ]
             out.append(
                 f"| {r['batch']} | {'ATS' if key == 'ats' else 'dense'} | {_f(s['p50_ms'])} | {_f(s['p90_ms'])} "
-                f"| {_f(s['p99_ms'])} | {s['throughput_ips']:.1f} | {ratio} |"
+                f"| {_f(s['p99_ms'])} | {s['throughput_ips']:.1f} | " + " | ".join(cells) + " |"
             )
+    out += [
+        "",
+        "Paired ratio: median over rounds of ATS/dense measured side by side, with a bootstrap interval. Token "
+        "work: input slots summed over blocks, ATS over dense (dynamic shapes: what each batch really ran); "
+        "the ratio cannot beat it by much. ATS share: score and sampler nodes' share of ONNX Runtime's node "
+        "time (profiler, an upper estimate).",
+    ]
+    for r in data["latency"]:
+        if r.get("slots_per_block") and ats["shape_mode"] == "dynamic":
+            out.append(f"- batch {r['batch']}: slots processed per block {r['slots_per_block']}")
+        share = r.get("ats_node_share")
+        if share:
+            per = ", ".join(f"{b}: {v:.0%}" for b, v in share["per_block"].items())
+            out.append(f"- batch {r['batch']}: score+sampler share of each ATS block's node time: {per}")
     out.append("")
     if gate["max_slowdown"] is None:
         out.append("Gate: none (pass --max-slowdown to gate ATS p50 / dense p50).")

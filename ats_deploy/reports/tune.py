@@ -22,8 +22,8 @@ Method (``tune_k``):
 4. Decide on measurements, not on the prediction: the first schedule on the path predicted to reach
    ``target_ratio`` x dense (minus ``margin``) is built and timed against dense, interleaved, and the
    median of the per-round ratios gets a bootstrap interval. It is accepted only if the whole interval
-   is at or below the target; otherwise lower schedules on the path are measured in turn (at most
-   ``checks``). If none qualifies the answer is "not feasible at this batch", with what was measured,
+   is at or below the target; otherwise the next schedule measured is the first one further down the
+   path predicted to save what the last one missed by (at most ``checks`` in all). If none qualifies the answer is "not feasible at this batch", with what was measured,
    never a schedule that measured slower.
 """
 
@@ -450,12 +450,11 @@ def tune_k(
         sched = best[1]
         path.append((dict(sched), pred(sched)))
     goal = target_ratio * dense_ms * (1.0 - margin)
-    start = next((i for i, (_, p) in enumerate(path) if p <= goal), len(path) - 1)
-    order = [start] + [i for i in _spread(start + 1, len(path), checks - 1)]
+    i = next((j for j, (_, p) in enumerate(path) if p <= goal), len(path) - 1)
     tried: list[dict] = []
     chosen = None
-    with progress_bar(progress, len(order) * 2 * (warmup + check_reps), "tune-k check") as adv:
-        for i in order:
+    with progress_bar(progress, checks * 2 * (warmup + check_reps), "tune-k check") as adv:
+        while len(tried) < checks:
             ks = _effective(cfg, blocks, path[i][0])
             ats = ATSConfig(blocks=tuple(blocks), k_schedule=ks)
             runners = {"ats": full(ats, batch), "dense": full(dense, batch)}
@@ -474,15 +473,22 @@ def tune_k(
                 "high": round(ratio.high, 4),
                 "ats": summarize(meas["ats"], batch),
                 "dense": summarize(meas["dense"], batch),
+                "path_index": i,
             }
             tried.append(check)
             if ratio.high <= target_ratio:
                 chosen = (i, ks, ratio, check)
                 break
+            # Missed by (high - target): move down the path to the first schedule predicted to save that
+            # much more (the prediction's error at this point, corrected by the measurement), at least one.
+            need = path[i][1] - (ratio.high - target_ratio) * dense_ms
+            nxt = next((j for j in range(i + 1, len(path)) if path[j][1] <= need), len(path) - 1)
+            if nxt <= i:
+                break  # nothing lower to try
+            i = nxt
     feasible = chosen is not None
     if chosen is None:  # report the last measured schedule, marked not feasible
-        last = order[len(tried) - 1]
-        chosen = (last, tuple(tried[-1]["k_schedule"]), None, tried[-1])
+        chosen = (tried[-1]["path_index"], tuple(tried[-1]["k_schedule"]), None, tried[-1])
     i, k_sched, ratio, check = chosen
     pr = path[i][1] / dense_ms
     m_ats, m_dense = check["ats"], check["dense"]
@@ -511,15 +517,6 @@ def tune_k(
         confidence=confidence,
         checks=tuple({k: v for k, v in c.items() if k not in ("ats", "dense")} for c in tried),
     )
-
-
-def _spread(lo: int, hi: int, count: int) -> list[int]:
-    """Up to ``count`` indices in [lo, hi), evenly spread, always including hi - 1 when non-empty."""
-    if count <= 0 or lo >= hi:
-        return []
-    if hi - lo <= count:
-        return list(range(lo, hi))
-    return sorted({lo + round(j * (hi - 1 - lo) / (count - 1)) for j in range(count)}) if count > 1 else [hi - 1]
 
 
 def _effective(cfg: ViTConfig, blocks: Sequence[int], sched: dict[int, int]) -> tuple[int, ...]:

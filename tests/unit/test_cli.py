@@ -267,6 +267,15 @@ def test_report_and_tune_k_commands(exported, tmp_path):
     data = json.loads(res.stdout)
     assert (tmp_path / "r" / "report.md").is_file() and (tmp_path / "r" / "report.json").is_file()
     assert json.loads((tmp_path / "r" / "report.json").read_text()) == data
+    row = data["latency"][0]
+    pr = row["ratio_paired"]
+    assert pr["low"] <= pr["median"] <= pr["high"]
+    # What ran: tiny model, 65 tokens, 6 blocks, ATS at 2..5 with K = 40 -> blocks 3, 4, 5 get 40 slots.
+    assert row["slots_per_block"] == [65, 65, 65, 40, 40, 40]
+    assert row["token_work_ratio"] == pytest.approx((3 * 65 + 3 * 40) / (6 * 65))
+    share = row["ats_node_share"]
+    assert 0 < share["overall"] < 1 and set(share["per_block"]) == {"2", "3", "4", "5"}
+    assert "paired ratio [95% CI]" in (tmp_path / "r" / "report.md").read_text()
     # An impossible gate: ATS can never be 100x faster than dense -> exit 3, report still written.
     res = runner.invoke(
         app,
@@ -306,3 +315,21 @@ def test_export_precisions_and_calibrate(tiny_pt, tmp_path):
     assert res.exit_code in (0, 3), res.output  # the seeded model is untrained: the gate may fail, the report must not
     data = json.loads(res.stdout[: res.stdout.rindex("}") + 1])
     assert data["base"]["images"] == 4 and "logits_cosine_mean" in data
+
+
+def test_report_dynamic_says_what_ran(tiny_pt, tmp_path):
+    """Dynamic shapes: the slots each block processed are what the batch really kept (its largest count)."""
+    out = tmp_path / "dyn"
+    res = runner.invoke(app, ["export", str(tiny_pt), "--heads", "2", "--shape", "dynamic", "-o", str(out), "--batch", "4"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(
+        app,
+        ["report", str(out), "--batch", "4", "--images", "4", "--reps", "2", "--warmup", "0", "--no-plots"]
+        + ["-o", str(tmp_path / "r"), "--json"],
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    row, counts = data["latency"][0], data["tokens"]["counts"]
+    expected = [65.0, 65.0, 65.0] + [float(max(counts[str(b)])) for b in (2, 3, 4)]
+    assert row["slots_per_block"] == expected
+    assert row["token_work_ratio"] == pytest.approx(sum(expected) / (6 * 65))
