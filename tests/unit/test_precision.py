@@ -95,7 +95,8 @@ def test_fp16_ats_path_layernorm_and_mask(graphs, fp16):
         ln = [n for n in m.graph.node if n.op_type == "LayerNormalization"]
         assert len(ln) == sum(n.op_type == "LayerNormalization" for n in src.graph.node)
         assert all(next(a.i for a in n.attribute if a.name == "stash_type") == 1 for n in ln)
-        assert not any(n.op_type in ("ReduceMean", "Pow", "Sqrt") for n in m.graph.node)  # not decomposed
+        # not decomposed (the score path's value norm is a Sqrt of its own, in */ats/*)
+        assert not any(n.op_type in ("ReduceMean", "Pow", "Sqrt") for n in m.graph.node if not is_ats_node(n))
         fp16_consts = [numpy_helper.to_array(t) for t in m.graph.initializer if t.data_type == TensorProto.FLOAT16]
         assert any(a.size == 1 and float(a) == MASK_VALUE for a in fp16_consts)  # finite in fp16
         assert all(np.isfinite(a).all() for a in fp16_consts)
