@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..artifacts import default_file_mode
 from ..errors import ExportError, InputError
 from .polygraphy_io import INPUTS_FILE, OUTPUTS_FILE, polygraphy_command
 
@@ -336,6 +337,7 @@ def make_bundle(
                     tar.addfile(info, io.BytesIO(item))
                 else:
                     tar.add(str(item), arcname=f"{top}/{arc}", recursive=False)
+        os.chmod(tmp, default_file_mode())  # the umask's mode, like any other tool (mkstemp gives 0600)
         os.replace(tmp, dest)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)

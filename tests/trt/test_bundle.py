@@ -129,3 +129,13 @@ def test_bundle_refuses_a_folder_without_manifest(tmp_path):
     with pytest.raises(InputError, match="manifest.json"):
         make_bundle(tmp_path, tmp_path / "b.tar.gz")
     assert not (tmp_path / "b.tar.gz").exists()
+
+
+def test_bundle_file_follows_the_umask(bundle):
+    """Others on a shared machine can read the bundle: the umask's mode, not mkstemp's 0600."""
+    import os
+
+    res, _, _ = bundle
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert res.path.stat().st_mode & 0o777 == 0o666 & ~mask
