@@ -5,8 +5,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -m "not slow"
+# Line coverage of ats_deploy, child processes included, printed after the tests; the floor is
+# [tool.coverage.report] fail_under in pyproject.toml (it only rises).
+COV_ARGS ?= --cov --cov-report=term
 
-.PHONY: install demo test test-all lint clean
+.PHONY: install demo test test-all lint mutation clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,13 +27,18 @@ demo: install
 
 # pytest exits 5 when it collected nothing: that is not a failure of the code under test.
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest $(PYTEST_ARGS) $(COV_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 test-all: install
 	$(MAKE) test PYTEST_ARGS=""
+
+# Mutation testing (mutmut) of the modules that decide correctness ([tool.mutmut] in pyproject.toml):
+# hours on 2 cores, so not part of `make test`. Prints the score and lists the surviving mutants.
+mutation: install
+	$(BIN)/mutmut run --max-children $(or $(JOBS),2); $(BIN)/python tools/mutation_summary.py
 
 lint: install
 	$(BIN)/ruff check ats_deploy tests benchmarks
 
 clean:
-	rm -rf $(VENV) out build .pytest_cache
+	rm -rf $(VENV) out build .pytest_cache mutants .coverage .coverage.*

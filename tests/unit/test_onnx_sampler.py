@@ -114,3 +114,13 @@ def test_no_tensor_grows_with_grid_times_patches(b):
     bound = m * (math.isqrt(p) + 2)
     worst = max(sizes, key=sizes.get)
     assert sizes[worst] <= bound < m * p // 4, f"{worst} holds {sizes[worst]} elements per image (bound {bound})"
+
+
+def test_onnx_sampler_clamps_count_in():
+    """count_in outside [1, n] is clamped (docs/ATS_RULE.md 8): 0 and -3 keep only CLS; 15 of 10 = 10."""
+    scores = np.random.default_rng(4).dirichlet(np.full(10, 0.5), size=4).astype(np.float32)
+    scores[3] = scores[2]
+    count = np.array([0, -3, 15, 10], np.int32)
+    idx, cnt = _run(_sampler_model(4, 10, 5, "static", dynamic_n=False), scores, count)
+    assert cnt[:2].tolist() == [1, 1] and idx[:2].tolist() == [[0] * 5, [0] * 5]
+    assert cnt[2] == cnt[3] and idx[2].tolist() == idx[3].tolist() != [0] * 5  # rows 2, 3 differ only by count

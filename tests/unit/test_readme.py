@@ -54,7 +54,6 @@ def _user_files(d: Path) -> None:
         Image.fromarray(rng.integers(0, 255, (120, 100, 3), dtype=np.uint8)).save(d / "images" / f"{i}.png")
 
 
-@pytest.mark.slow
 def test_readme_usage_runs_as_written(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for i, block in enumerate(usage_blocks()):
