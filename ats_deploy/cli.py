@@ -598,14 +598,16 @@ def verify(
     reference: Annotated[Path, typer.Option("--reference", help="reference.npz written by ats-deploy export.")],
     plugin_lib: Annotated[Path | None, typer.Option("--plugin-lib", help="libats_sampler.so (plugin form).")] = None,
     backend: Annotated[TrtBackend | None, typer.Option("--backend", help="tensorrt (default) or rtx.")] = None,
-    no_cuda_graph: Annotated[bool, typer.Option("--no-cuda-graph", help="Plain enqueue, no CUDA graph.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compare an engine with the PyTorch outputs stored at export time (no torch needed); exit 3 on failure."""
+    """Compare an engine with the PyTorch outputs stored at export time (no torch needed); exit 3 on failure.
+
+    The engine runs through Polygraphy's TensorRT runner; the same check with Polygraphy alone is
+    `polygraphy run` on the export's parity_inputs.json and reference_outputs.json (the bundle README)."""
     from .reports.parity import format_parity
     from .runtime.verify import verify as run_verify
 
-    res = run_verify(plan, reference, plugin_lib=plugin_lib, backend=backend, cuda_graph=not no_cuda_graph)
+    res = run_verify(plan, reference, plugin_lib=plugin_lib, backend=backend)
     if as_json:
         _print_json(res.to_dict())
     else:

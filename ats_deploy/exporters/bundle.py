@@ -35,10 +35,11 @@ CLI_OPTIONS: dict[str, tuple[str, ...]] = {
     "verify": ("--reference", "--plugin-lib"),
 }
 JETPACKS = (
-    # label, L4T, TensorRT, CUDA, GPU, arch
-    ("JetPack 6.1 / 6.2", "R36.4", "10.3", "12.6", "Orin", "87"),
-    ("JetPack 7.x", "R38", "10.13+ (11.x from JetPack 7.2.2)", "13", "Thor", "110"),
+    # label, L4T, TensorRT, CUDA, GPU, arch, system Python (its TensorRT bindings)
+    ("JetPack 6.1 / 6.2", "R36.4", "10.3", "12.6", "Orin", "87", "3.10"),
+    ("JetPack 7.x", "R38", "10.13+ (11.x from JetPack 7.2.2)", "13", "Thor", "110", "3.12"),
 )
+WHEEL_ENV = "ATS_DEPLOY_WHEEL"  # a ready ats-deploy wheel to carry instead of building one
 _SKIP_DIRS = {"build", "__pycache__", ".git"}
 
 
@@ -137,8 +138,8 @@ def _forms(out: Path, onnx_names: list[str]) -> list[dict]:
     return sorted(forms, key=lambda f: (order.get(f["onnx"], 2), f["onnx"]))
 
 
-def render_readme(man: dict, forms: list[dict], contents: list[str]) -> str:
-    """The bundle's README: exact steps on the Jetson (plugin, engines, verify, benchmark)."""
+def render_readme(man: dict, forms: list[dict], contents: list[str], wheel: str = "wheels/ats_deploy.whl") -> str:
+    """The bundle's README: exact steps on the Jetson (install, plugin, engines, verify, benchmark)."""
     ats = man.get("ats", {})
     graph = man.get("graph", {})
     shape_mode = ats.get("shape_mode", "static")
@@ -164,7 +165,7 @@ def render_readme(man: dict, forms: list[dict], contents: list[str]) -> str:
         "| JetPack | L4T | TensorRT | CUDA | GPU | `--cuda-arch` |",
         "|---|---|---|---|---|---|",
     ]
-    for label, l4t, trt_v, cuda_v, gpu, arch in JETPACKS:
+    for label, l4t, trt_v, cuda_v, gpu, arch, _ in JETPACKS:
         lines.append(f"| {label} | {l4t} | {trt_v} | {cuda_v} | {gpu} | {arch} |")
     lines += [
         "",
@@ -179,18 +180,30 @@ def render_readme(man: dict, forms: list[dict], contents: list[str]) -> str:
         "",
         "## 1. Install (once)",
         "",
-        "JetPack's TensorRT Python bindings live in the system Python, so the virtual environment sees them:",
+        "JetPack's TensorRT Python bindings live in its system Python, so the virtual environment is made from",
+        "that Python and sees them; ats-deploy comes from the wheel in this bundle (no torch: the device",
+        "commands need numpy, onnx and Polygraphy, which runs the engines and brings its own CUDA bindings):",
         "",
-        "```",
-        "python3 -m venv --system-site-packages ~/ats-venv",
-        "~/ats-venv/bin/pip install ats-deploy cuda-python",
-        ". ~/ats-venv/bin/activate",
-        "```",
+    ]
+    for label, _, trt_v, cuda_v, _, _, py in JETPACKS:
+        lines += [
+            f"{label} (Python {py}, CUDA {cuda_v}, TensorRT {trt_v}):",
+            "",
+            "```",
+            f"python{py} -m venv --system-site-packages ~/ats-venv",
+            f"~/ats-venv/bin/pip install {wheel}",
+            ". ~/ats-venv/bin/activate",
+            "```",
+            "",
+        ]
+    lines += [
+        f"`python{JETPACKS[0][6]} -c 'import tensorrt; print(tensorrt.__version__)'` must print the TensorRT of "
+        "the table: a virtual environment made from another Python does not see JetPack's bindings.",
         "",
     ]
     if has_plugin:
         lines += ["## 2. Build the sampler plugin", ""]
-        for label, _, _, _, gpu, arch in JETPACKS:
+        for label, _, _, _, gpu, arch, _ in JETPACKS:
             lines += [
                 f"{label} ({gpu}, sm_{arch}):",
                 "",
@@ -288,6 +301,36 @@ def render_readme(man: dict, forms: list[dict], contents: list[str]) -> str:
     return "\n".join(lines)
 
 
+def project_wheel(work: Path) -> Path:
+    """This ats-deploy as a wheel for the device: $ATS_DEPLOY_WHEEL if set, else built (pip wheel, no
+    dependencies, no network) from the source tree this package runs from."""
+    given = os.environ.get(WHEEL_ENV)
+    if given:
+        path = Path(given)
+        if path.suffix != ".whl" or not path.is_file():
+            raise InputError(f"${WHEEL_ENV}={given} is not a wheel file; point it at an ats_deploy-*.whl")
+        return path
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").is_file():
+        raise ExportError(
+            f"no ats-deploy source tree beside {Path(__file__).resolve().parents[1]} to build the bundle's wheel "
+            f"from; set {WHEEL_ENV}=path/to/ats_deploy-*.whl (pip download or pip wheel ats-deploy)"
+        )
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(work), str(root)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wheels = sorted(work.glob("ats_deploy-*.whl"))
+    if res.returncode != 0 or not wheels:
+        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ExportError(
+            f"pip could not build the ats-deploy wheel for the bundle ({tail[0][:160]}); install setuptools and "
+            f"wheel, or set {WHEEL_ENV}=path/to/ats_deploy-*.whl"
+        )
+    return wheels[-1]
+
+
 def make_bundle(
     out_dir: str | os.PathLike[str],
     output_tar_gz: str | os.PathLike[str],
@@ -309,8 +352,11 @@ def make_bundle(
     payload: dict[str, Path | bytes] = dict(artifacts)
     payload.update(_plugin_files(Path(plugin_src) if plugin_src is not None else None))
     forms = _forms(out, [n for n in artifacts if n.endswith(".onnx")])
+    with tempfile.TemporaryDirectory() as wheel_dir:
+        whl = project_wheel(Path(wheel_dir))
+        payload[f"wheels/{whl.name}"] = whl.read_bytes()
     contents = sorted([*payload, "README.md", "SHA256SUMS"])
-    payload["README.md"] = render_readme(man, forms, contents).encode()
+    payload["README.md"] = render_readme(man, forms, contents, wheel=f"wheels/{whl.name}").encode()
     sums = []
     for arc in sorted(payload):
         item = payload[arc]

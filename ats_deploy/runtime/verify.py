@@ -113,13 +113,14 @@ def verify(
     plugin_lib: str | os.PathLike[str] | None = None,
     tolerances: Tolerances | None = None,
     backend: str | None = None,
-    cuda_graph: bool = True,
     runner=None,
 ) -> VerifyResult:
     """Run the reference inputs through the engine and compare with the stored PyTorch outputs.
 
     Returns the comparison; gating (exit 3) is the caller's decision, as for ``ats-deploy parity``.
-    ``runner`` may be an already opened :class:`~ats_deploy.runtime.trt_runner.TrtRunner` of ``plan``.
+    The engine runs through Polygraphy's TrtRunner (:class:`~ats_deploy.runtime.trt_runner.TrtRunner`);
+    ``runner`` may be one already opened for ``plan`` (or anything with ``infer``, ``static_batch`` and
+    ``batch_range``: the tests pass ONNX Runtime on the export's graph).
     """
     from ..exporters.trt import read_record
     from .ort_runner import stack_outputs
@@ -138,7 +139,7 @@ def verify(
     if own:
         from .trt_runner import TrtRunner
 
-        runner = TrtRunner(plan, plugin_lib=plugin_lib, backend=backend, cuda_graph=cuda_graph)
+        runner = TrtRunner(plan, plugin_lib=plugin_lib, backend=backend)
     try:
         hi = runner.batch_range[1]
         step = hi if runner.static_batch is None else runner.static_batch

@@ -139,3 +139,38 @@ def test_bundle_file_follows_the_umask(bundle):
     mask = os.umask(0o022)
     os.umask(mask)
     assert res.path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_bundle_carries_the_project_wheel_and_pins_each_jetpack(bundle):
+    """The device installs ats-deploy from the wheel inside (it is not on any index), into a venv made from
+    the JetPack's own Python: 3.10 on JetPack 6, 3.12 on JetPack 7."""
+    import zipfile
+
+    _, top, names = bundle
+    wheels = sorted((top / "wheels").glob("ats_deploy-*-py3-none-any.whl"))
+    assert len(wheels) == 1
+    with zipfile.ZipFile(wheels[0]) as z:
+        files = set(z.namelist())
+        assert {"ats_deploy/cli.py", "ats_deploy/runtime/trt_runner.py", "ats_deploy/runtime/verify.py"} <= files
+        entry = next(n for n in files if n.endswith(".dist-info/entry_points.txt"))
+        assert "ats-deploy = ats_deploy.cli:main" in z.read(entry).decode()
+        meta = z.read(next(n for n in files if n.endswith(".dist-info/METADATA"))).decode()
+        assert "Requires-Dist: polygraphy" in meta and not re.search(r"^Requires-Dist: torch\b(?!.*extra)", meta, re.M)
+    readme = (top / "README.md").read_text()
+    wheel = f"wheels/{wheels[0].name}"
+    for py in ("3.10", "3.12"):
+        assert f"python{py} -m venv --system-site-packages ~/ats-venv" in readme
+    assert readme.count(f"~/ats-venv/bin/pip install {wheel}") == 2
+    assert "pip install ats-deploy" not in readme
+
+
+def test_bundle_wheel_from_the_environment(tmp_path, monkeypatch):
+    from ats_deploy.exporters.bundle import WHEEL_ENV, project_wheel
+
+    monkeypatch.setenv(WHEEL_ENV, str(tmp_path / "nope.whl"))
+    with pytest.raises(InputError, match="is not a wheel file"):
+        project_wheel(tmp_path)
+    whl = tmp_path / "ats_deploy-9.9.9-py3-none-any.whl"
+    whl.write_bytes(b"PK")
+    monkeypatch.setenv(WHEEL_ENV, str(whl))
+    assert project_wheel(tmp_path) == whl

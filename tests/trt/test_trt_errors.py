@@ -208,3 +208,43 @@ def test_missing_plugin_path_is_a_dependency_error_not_a_type_error(path):
     with pytest.raises(DependencyError) as err:
         trt_build.load_plugin_library(object(), path)  # refused before TensorRT is touched
     assert "--plugin-lib" in _one_line(err.value)
+
+
+def _plan_with(fake_plan, **over):
+    rec = json.loads(record_path(fake_plan).read_text())
+    rec.update(over)
+    record_path(fake_plan).write_text(json.dumps(rec))
+    return fake_plan
+
+
+def test_runner_refuses_a_plugin_engine_without_its_library(fake_plan, monkeypatch, tmp_path):
+    """Checked before TensorRT is imported: one line with the fix, not a TypeError deep in a loader."""
+    from ats_deploy.runtime.trt_runner import TrtRunner
+
+    monkeypatch.delenv("ATS_SAMPLER_PLUGIN", raising=False)
+    plan = _plan_with(fake_plan, plugin={"kind": "library", "path": None})
+    with pytest.raises(InputError, match="needs the sampler plugin library and none was given") as err:
+        TrtRunner(plan)
+    _one_line(err.value)
+    with pytest.raises(InputError, match="does not exist; build it with ats-deploy plugin build"):
+        TrtRunner(plan, plugin_lib=tmp_path / "libats_sampler.so")
+
+
+def test_runner_refuses_rtx_engines_with_the_way_out(fake_plan):
+    from ats_deploy.errors import DependencyError
+    from ats_deploy.runtime.trt_runner import TrtRunner
+
+    plan = _plan_with(fake_plan, backend="rtx")
+    with pytest.raises(DependencyError, match="build one on the device with ats-deploy build --backend tensorrt"):
+        TrtRunner(plan)
+
+
+def test_runner_close_is_safe_after_a_failed_init(fake_plan):
+    """Nothing is held before Polygraphy activates the runner: close() after a refused engine is a no-op."""
+    from ats_deploy.runtime.trt_runner import TrtRunner
+
+    runner = TrtRunner.__new__(TrtRunner)
+    with pytest.raises(InputError):
+        TrtRunner.__init__(runner, _plan_with(fake_plan, plugin={"kind": "library", "path": None}))
+    runner.close()
+    runner.close()
