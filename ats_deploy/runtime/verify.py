@@ -1,7 +1,7 @@
 """On-device parity: a TensorRT engine against the PyTorch outputs stored at export (``reference.npz``).
 
 The reference file holds the inputs (``pixels``) and PyTorch's ``logits``, ``tokens_<i>`` and ``count_<i>``,
-so a Jetson proves parity without torch: numpy, tensorrt and cuda-python only. Gates come from
+so a Jetson proves parity without torch: numpy, tensorrt and polygraphy only. Gates come from
 :data:`ats_deploy.reports.parity.TOLERANCES` for the engine's precision (its build record says which).
 
 A reference from another model is refused before anything runs: when the reference file is the one the
