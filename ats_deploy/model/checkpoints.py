@@ -56,7 +56,12 @@ def _read_file(path: Path, *, trust_pickle: bool) -> object:
     kind = file_kind(path)
     if kind == "safetensors" or (path.suffix == ".safetensors" and kind == "unknown"):
         return _read_safetensors(path)
-    if kind not in ("torch-zip", "pickle", "unknown"):  # ONNX, .npz, a plan...: no unpickling, no --trust-pickle
+    if kind == "unknown":  # neither zip nor pickle: torch.load could only fail, and --trust-pickle would not help
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint or .safetensors file (unknown format); "
+            "pass a .pt/.pth/.safetensors checkpoint"
+        )
+    if kind not in ("torch-zip", "pickle"):  # ONNX, .npz, a plan...: no unpickling, no --trust-pickle
         raise wrong_kind(path, "checkpoint", kind)
     import pickle
 
@@ -68,11 +73,6 @@ def _read_file(path: Path, *, trust_pickle: bool) -> object:
         if trust_pickle:
             raise CheckpointError(
                 f"checkpoint {path} cannot be unpickled ({exc}); re-save it with torch.save"
-            ) from None
-        if kind == "unknown":  # not a pickle at all: --trust-pickle would not help
-            raise CheckpointError(
-                f"{path} is not a PyTorch checkpoint or .safetensors file (unknown format); "
-                "pass a .pt/.pth/.safetensors checkpoint"
             ) from None
         raise CheckpointError(
             f"checkpoint {path} contains pickled code or objects, not only tensors; "
@@ -175,21 +175,18 @@ def infer_config(sd: dict[str, np.ndarray], *, heads: int | None = None, source:
     num_heads = heads if heads is not None else max(c // 64, 1)
     if c % num_heads:
         raise ConfigError(f"embed dim {c} is not divisible by {num_heads} heads; pass --heads with a divisor of {c}")
-    try:
-        return ViTConfig(
-            img_size=grid * patch,
-            patch_size=patch,
-            in_chans=int(pe.shape[1]),
-            num_classes=int(sd["head.weight"].shape[0]),
-            embed_dim=c,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / c if "blocks.0.mlp.fc1.weight" in sd else 4.0,
-            qkv_bias="blocks.0.attn.qkv.bias" in sd,
-            distilled=distilled,
-        )
-    except ConfigError:
-        raise
+    return ViTConfig(
+        img_size=grid * patch,
+        patch_size=patch,
+        in_chans=int(pe.shape[1]),
+        num_classes=int(sd["head.weight"].shape[0]),
+        embed_dim=c,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / c if "blocks.0.mlp.fc1.weight" in sd else 4.0,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        distilled=distilled,
+    )
 
 
 def expected_keys(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
