@@ -203,10 +203,16 @@ def _rechunk(batches: list[np.ndarray], size: int) -> Iterable[tuple[np.ndarray,
 
 
 def _governing_count(site: LinearSite, ats_blocks: list[int]) -> int | None:
-    """The ATS block whose count says how many rows of this MatMul's input are valid (None: all)."""
+    """The ATS block whose count says how many rows of this MatMul's input are valid (None: all).
+
+    qkv reads the previous stage's tokens; so does an ATS block's projection when the block gathers after
+    it (K_out = n, nodes scoped ``/all_rows/`` by the exporter); the rest read this stage's tokens."""
+    from ..exporters.onnx import ALL_ROWS
+
     if site.block is None:
         return None
-    limit = site.block - 1 if site.kind == "qkv" else site.block  # qkv reads the previous stage's tokens
+    before = site.kind == "qkv" or ALL_ROWS in site.node
+    limit = site.block - 1 if before else site.block
     prior = [b for b in ats_blocks if b <= limit]
     return prior[-1] if prior else None
 

@@ -23,10 +23,13 @@ from ..model.reference import output_slots
 from .graph import FLOAT, INT32, INT64, Dim, GraphBuilder
 from .sampler import _reduce, emit_sampler
 
-__all__ = ["GraphOptions", "build_graph", "DEFAULT_OPSET", "output_names"]
+__all__ = ["ALL_ROWS", "GraphOptions", "build_graph", "DEFAULT_OPSET", "output_names"]
 
 DEFAULT_OPSET = 17  # LayerNormalization exists from 17; TensorRT 10.3 (JetPack 6.1) parses it
 SamplerForm = Literal["portable", "plugin"]
+# Scope of the nodes of an ATS block that still run over its input rows (K_out = n: the gather comes after
+# the attention projection), so INT8 calibration reads their valid rows from the previous stage's count.
+ALL_ROWS = "/all_rows/"
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,9 @@ class _VitEmitter:
             # K_out = n (static, K >= n): every query row survives anyway, so the block attends as a
             # dense one and gathers its output once, instead of gathering queries and residual apart.
             out = self.attend(self.heads(q_all), k_t, v, bias)
+            g.scope = p + ALL_ROWS  # the projection runs over the block's input rows, before the gather
             x = g.op("Add", x, self.linear(self.merge(out), p + ".attn.proj"))
+            g.scope = p + "/"
             return self.mlp(g.op("GatherND", x, idx3, batch_dims=1), p), idx, count_out
         q_sel = self.heads(g.op("GatherND", q_all, idx3, batch_dims=1))
         out = self.attend(q_sel, k_t, v, bias)
