@@ -248,3 +248,66 @@ def test_runner_close_is_safe_after_a_failed_init(fake_plan):
         TrtRunner.__init__(runner, _plan_with(fake_plan, plugin={"kind": "library", "path": None}))
     runner.close()
     runner.close()
+
+
+class _OrtEngine:
+    """A runner with the engine's interface over the export's ONNX in ONNX Runtime (the real comparison
+    runs on the CPU; only TensorRT is replaced)."""
+
+    def __init__(self, onnx_path, static_batch, batch_range):
+        from ats_deploy.runtime.ort_runner import OrtRunner
+
+        self._ort = OrtRunner(onnx_path)
+        self.static_batch, self.batch_range = static_batch, batch_range
+        self.seen: list[int] = []
+
+    def infer(self, feed):
+        self.seen.append(len(feed["pixels"]))
+        return self._ort.infer(feed)
+
+    def close(self):
+        self._ort.close()
+
+
+def test_verify_on_the_cpu_chunks_by_the_engine_batch(tmp_path):
+    """verify() through ONNX Runtime: a dynamic-batch engine gets chunks of its largest batch, a static one
+    refuses a reference whose image count is not a multiple of its batch, and the verdict serialises."""
+    from ats_deploy.runtime.verify import verify
+
+    exp = tiny_export(tmp_path / "e", dynamic_batch=True, parity_count=6)
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"stand-in plan bytes")
+    record_path(plan).write_text(json.dumps(fake_record(exp, engine={"sha256": trt_build.sha256_file(plan)})))
+    eng = _OrtEngine(exp / "model.onnx", None, (1, 4))
+    res = verify(plan, exp / "reference.npz", runner=eng)
+    assert res.parity.passed and res.images == 6 and res.batches == 2 and eng.seen == [4, 2]
+    d = res.to_dict()
+    assert d["plan"] == str(plan) and d["batches"] == 2 and d["passed"] is True and d["images"] == 6
+    with pytest.raises(InputError, match="holds 6 images, not a multiple of the engine's batch 4") as err:
+        verify(plan, exp / "reference.npz", runner=_OrtEngine(exp / "model.onnx", 4, (4, 4)))
+    _one_line(err.value)
+
+
+def test_reference_without_model_arrays_is_refused(tmp_path, export_dir, fake_plan):
+    from ats_deploy.runtime.verify import check_reference, load_reference
+
+    np.savez(tmp_path / "nologits.npz", pixels=np.zeros((1, 3, 64, 64), np.float32))
+    with pytest.raises(InputError, match="has no pixels/logits arrays"):
+        load_reference(tmp_path / "nologits.npz")
+    rec = read_record(fake_plan)
+    data = dict(np.load(export_dir / "reference.npz"))
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    first = next(k for k in data if k.startswith("tokens_"))
+    short = {k: v for k, v in data.items() if k != first}
+    np.savez(lone / "short.npz", **short)
+    with pytest.raises(InputError, match=f"lacks the engine outputs \\['{first}'\\]"):
+        check_reference(rec, load_reference(lone / "short.npz"), lone / "short.npz")
+    flat = dict(data, logits=data["logits"].reshape(-1))
+    np.savez(lone / "flat.npz", **flat)
+    with pytest.raises(InputError, match="logits has shape"):
+        check_reference(rec, load_reference(lone / "flat.npz"), lone / "flat.npz")
+    (lone / "manifest.json").write_text("{not json")  # an unreadable manifest beside it vouches for nothing
+    np.savez(lone / "full.npz", **data)
+    with pytest.raises(InputError, match="belongs to another export"):
+        check_reference(rec, load_reference(lone / "full.npz"), lone / "full.npz")
