@@ -243,6 +243,26 @@ def test_interrupted_export_leaves_no_directory(tiny_ckpt, tmp_path, monkeypatch
     assert not (tmp_path / "new" / "out").exists()
 
 
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130(tiny_ckpt, tmp_path, monkeypatch):
+    """The CLI's answer to Ctrl-C: one line on stderr, exit 130, no traceback, no output directory."""
+    import torch
+    from typer.testing import CliRunner
+
+    import ats_deploy.exporters.export as ex
+    from ats_deploy.cli import app
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    ck = tmp_path / "tiny.pth"
+    torch.save({"model": {k: torch.from_numpy(v.copy()) for k, v in tiny_ckpt.state_dict.items()}}, ck)
+    monkeypatch.setattr(ex, "compare_outputs", interrupt)
+    res = CliRunner().invoke(app, ["export", str(ck), "--heads", "2", "-o", str(tmp_path / "out"), "--parity-inputs", "1"])
+    assert res.exit_code == 130, res.output
+    assert res.stderr.strip() == "error: interrupted; nothing was left half-written" and "Traceback" not in res.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_corrupt_image_is_named(tmp_path):
     from PIL import Image
 
