@@ -1,10 +1,11 @@
 """The official ATS selection rule (docs/ATS_RULE.md section 2) as batched, static-shape PyTorch ops.
 
 This is the eager sampler used by the PyTorch model. The portable ONNX subgraph in
-``ats_deploy.exporters.onnx`` emits the same sequence of operations (stable ascending sort with invalid
-slots pushed to the end, sequential float32 cumsum, min-max normalisation, grid, first-argmin nearest
-lookup, de-duplication by flags, compaction by a running count), so both agree with each other and with
-the NumPy reference in ``reference.py`` bit for bit away from decision boundaries.
+``ats_deploy.exporters.sampler`` computes the same things (stable ascending sort with invalid slots pushed
+to the end, float32 cumsum, min-max normalisation, grid, each grid point's first nearest patch from its two
+neighbours plus an exact search where float32 distances collapse, de-duplication by flags, compaction by a
+running count), so both agree with each other and with the NumPy reference in ``reference.py`` bit for bit
+(torch's CPU cumsum may round differently from a sequential float32 sum on very long rows; see the tests).
 """
 
 from __future__ import annotations
