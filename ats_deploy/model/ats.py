@@ -5,7 +5,7 @@ This is the eager sampler used by the PyTorch model. The portable ONNX subgraph 
 to the end, float32 cumsum, min-max normalisation, grid, each grid point's first nearest patch from its two
 neighbours plus an exact search where float32 distances collapse, de-duplication by flags, compaction by a
 running count), so both agree with each other and with the NumPy reference in ``reference.py`` bit for bit
-(torch's CPU cumsum may round differently from a sequential float32 sum on very long rows; see the tests).
+(tests/unit/test_sampler.py and test_onnx_sampler.py check it on rows of up to 577 tokens).
 """
 
 from __future__ import annotations
