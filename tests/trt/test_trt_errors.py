@@ -311,3 +311,30 @@ def test_reference_without_model_arrays_is_refused(tmp_path, export_dir, fake_pl
     np.savez(lone / "full.npz", **data)
     with pytest.raises(InputError, match="belongs to another export"):
         check_reference(rec, load_reference(lone / "full.npz"), lone / "full.npz")
+
+
+def test_verify_command_verdicts_through_the_cli(tmp_path, monkeypatch):
+    """`ats-deploy verify` end to end with TensorRT replaced by ONNX Runtime on the export's graph: PASS
+    exits 0 (human and --json), a reference whose logits were changed exits 3 with the failed gate."""
+    from typer.testing import CliRunner
+
+    import ats_deploy.runtime.trt_runner as tr
+    from ats_deploy.cli import app
+
+    exp = tiny_export(tmp_path / "e", dynamic_batch=True, parity_count=4)
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"stand-in plan bytes")
+    record_path(plan).write_text(json.dumps(fake_record(exp, engine={"sha256": trt_build.sha256_file(plan)})))
+    monkeypatch.setattr(tr, "TrtRunner", lambda plan, **kw: _OrtEngine(exp / "model.onnx", None, (1, 4)))
+    cli = CliRunner()
+    res = cli.invoke(app, ["verify", str(plan), "--reference", str(exp / "reference.npz")])
+    assert res.exit_code == 0, res.output
+    assert "PASS" in res.output
+    res = cli.invoke(app, ["verify", str(plan), "--reference", str(exp / "reference.npz"), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["passed"] is True
+    data = dict(np.load(exp / "reference.npz"))
+    data["logits"] = data["logits"] + 1.0
+    np.savez(exp / "changed.npz", **data)
+    res = cli.invoke(app, ["verify", str(plan), "--reference", str(exp / "changed.npz")])
+    assert res.exit_code == 3, res.output
+    assert "verify gate failed: logits max abs error" in res.output
