@@ -338,3 +338,40 @@ def test_verify_command_verdicts_through_the_cli(tmp_path, monkeypatch):
     res = cli.invoke(app, ["verify", str(plan), "--reference", str(exp / "changed.npz")])
     assert res.exit_code == 3, res.output
     assert "verify gate failed: logits max abs error" in res.output
+
+
+def test_reference_provenance_each_way_it_can_be_proven(export_dir, fake_plan, tmp_path):
+    """A copied reference is ours when (a) the manifest beside it is byte-for-byte the engine's, or (b) that
+    manifest lists the engine's ONNX; (c) neither: refused, pointing at the engine's export directory."""
+    import shutil
+
+    from ats_deploy.runtime.verify import check_reference, load_reference
+
+    rec = read_record(fake_plan)
+    data = dict(np.load(export_dir / "reference.npz"))
+    data["logits"] = data["logits"] + 0.0  # same arrays, another file: the sha256 path does not apply
+    man = json.loads((export_dir / "manifest.json").read_text())
+
+    def place(name: str, manifest_text: str):
+        d = tmp_path / name
+        d.mkdir()
+        np.savez(d / "reference.npz", **data)
+        (d / "manifest.json").write_text(manifest_text)
+        return d / "reference.npz"
+
+    a = tmp_path / "a"
+    a.mkdir()
+    np.savez(a / "reference.npz", **data)
+    shutil.copy(export_dir / "manifest.json", a / "manifest.json")  # (a) the very manifest: its sha matches
+    rec_a = {**rec, "onnx": {**rec["onnx"], "sha256": "0" * 64}}  # ... and the ONNX sha does not help
+    check_reference(rec_a, load_reference(a / "reference.npz"), a / "reference.npz")
+    edited = {**man, "note": "same export, manifest re-saved"}  # (b) another file, listing the engine's ONNX
+    ref_b = place("b", json.dumps(edited))
+    check_reference(rec, load_reference(ref_b), ref_b)
+    with pytest.raises(InputError, match="belongs to another export"):
+        check_reference(rec_a, load_reference(ref_b), ref_b)  # (b) without the ONNX sha: not provable
+    other = {**edited, "artifacts": {k: {"sha256": "f" * 64} for k in man["artifacts"]}}
+    ref_c = place("c", json.dumps(other))
+    with pytest.raises(InputError) as err:
+        check_reference(rec, load_reference(ref_c), ref_c)
+    assert f"use the reference.npz from {export_dir.resolve()}" in str(err.value)
