@@ -113,7 +113,7 @@ def main() -> None:
             counts[name]["kept"] = {blk: np.concatenate([o[f"count_{blk}"] for o in outs]) for blk in ats.blocks}
         turn = {k: 0 for k in runners}
 
-        def timer(name):
+        def timer(name, runners=runners, feeds=feeds, turn=turn):
             def run() -> float:
                 feed = feeds[turn[name] % len(feeds)]
                 turn[name] += 1

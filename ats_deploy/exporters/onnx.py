@@ -159,7 +159,8 @@ class _VitEmitter:
         """
         g, c = self.g, self.cfg
         heads = np.kron(np.eye(c.num_heads, dtype=np.float32), np.ones((c.head_dim, 1), np.float32))  # [C, H]
-        q0 = g.op("Reshape", g.cast(g.op("Slice", q_all, g.const([0]), g.const([1]), g.const([1])), FLOAT), g.const([0, -1, 1]))
+        q_row = g.cast(g.op("Slice", q_all, g.const([0]), g.const([1]), g.const([1])), FLOAT)  # [B, 1, C]
+        q0 = g.op("Reshape", q_row, g.const([0, -1, 1]))  # [B, C, 1]
         logits = g.op("MatMul", g.cast(k_all, FLOAT), g.op("Mul", q0, g.const(heads, "float32")))  # [B, n, H]
         logits = g.op("Mul", logits, g.const(c.head_dim**-0.5, "float32"))
         if bias is not None:

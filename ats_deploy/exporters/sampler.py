@@ -198,7 +198,8 @@ def emit_portable_sampler(
     pick = g.op("Squeeze", g.op("Where", take_hi, a3, first), ax2)  # [B, M] sorted positions
 
     # Kept = picked at least once; every update writes the same 1, so duplicate picks are harmless.
-    flags = g.op("ScatterElements", g.op("Mul", order, g.const(0)), pick, g.op("Add", g.op("Mul", pick, g.const(0)), g.const(1)), axis=1)
+    ones = g.op("Add", g.op("Mul", pick, g.const(0)), g.const(1))
+    flags = g.op("ScatterElements", g.op("Mul", order, g.const(0)), pick, ones, axis=1)
     picked = g.op("Cast", flags, to=BOOL)
     if not all_valid:
         picked = g.op("And", picked, valid)

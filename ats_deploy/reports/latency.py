@@ -676,7 +676,8 @@ def report(
 
                         advance(0, description=f"batch {b}: profiling")
                         proto = build_graph(cfg, ckpt.state_dict, ats, GraphOptions(batch=b, opset=opset))
-                        share = ort_ats_share(proto.SerializeToString(), [{"pixels": c} for c in chunks], threads=threads)
+                        feeds = [{"pixels": c} for c in chunks]
+                        share = ort_ats_share(proto.SerializeToString(), feeds, threads=threads)
                 info["precision"] = getattr(runners["ats"], "precision", info["precision"])
                 if b == bs[-1]:
                     advance(0, description="token statistics")

@@ -23,7 +23,8 @@ Method (``tune_k``):
    ``target_ratio`` x dense (minus ``margin``) is built and timed against dense, interleaved, and the
    median of the per-round ratios gets a bootstrap interval. It is accepted only if the whole interval
    is at or below the target; otherwise the next schedule measured is the first one further down the
-   path predicted to save what the last one missed by (at most ``checks`` in all). If none qualifies the answer is "not feasible at this batch", with what was measured,
+   path predicted to save what the last one missed by (at most ``checks`` in all). If none qualifies
+   the answer is "not feasible at this batch", with what was measured,
    never a schedule that measured slower.
 """
 

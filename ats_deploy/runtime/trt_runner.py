@@ -154,7 +154,9 @@ class TrtRunner(Runner):
         x = check_pixels(x, channels=self.channels, size=self.size, batch=self.static_batch)
         lo, hi = self.batch_range
         if not lo <= len(x) <= hi:
-            raise InputError(f"batch {len(x)} is outside this engine's profile {lo}..{hi}; rebuild with a wider --batch")
+            raise InputError(
+                f"batch {len(x)} is outside this engine's profile {lo}..{hi}; rebuild with a wider --batch"
+            )
         return np.ascontiguousarray(x, dtype=np.float32)
 
     # -- running ---------------------------------------------------------------------------------------------
@@ -194,7 +196,8 @@ class TrtRunner(Runner):
         if self.static_batch is None:
             shapes = f"{self.input_name}:{batch}x{self.channels}x{self.size}x{self.size}"
         layers = tuple(p["name"] for p in self.record.get("network", {}).get("plugin_layers", []))
-        return TrtexecRun(self.plan, self._plugin_path, shapes, cuda_graph=not self.dynamic_outputs, plugin_layers=layers)
+        graph = not self.dynamic_outputs  # data-dependent shapes cannot be captured
+        return TrtexecRun(self.plan, self._plugin_path, shapes, cuda_graph=graph, plugin_layers=layers)
 
     def close(self) -> None:
         runner, self._runner = getattr(self, "_runner", None), None

@@ -70,7 +70,9 @@ def int8_graph(tiny_ckpt):
     from ats_deploy.model.config import resolve_ats
 
     model = build_graph(tiny_ckpt.config, tiny_ckpt.state_dict, resolve_ats(tiny_ckpt.config), GraphOptions(batch=2))
-    amax = collect_ranges(model, [_x(4).repeat(8, axis=2).repeat(8, axis=3)], CalibrationSettings(method="max"), progress=False)
+    amax = collect_ranges(
+        model, [_x(4).repeat(8, axis=2).repeat(8, axis=3)], CalibrationSettings(method="max"), progress=False
+    )
     return quantize_int8(model, amax)
 
 

@@ -27,12 +27,34 @@ def _graph(tiny_ckpt, max_k):
     "max_k,expected",
     [
         # K = 65 keeps every slot: block 2's proj runs over block 2's input rows (no count before block 2).
-        ("65", {(0, "fc1"): None, (2, "qkv"): None, (2, "proj"): None, (2, "fc1"): 2, (3, "qkv"): 2, (3, "proj"): 2,
-                (3, "fc2"): 3, (5, "proj"): 4}),
+        (
+            "65",
+            {
+                (0, "fc1"): None,
+                (2, "qkv"): None,
+                (2, "proj"): None,
+                (2, "fc1"): 2,
+                (3, "qkv"): 2,
+                (3, "proj"): 2,
+                (3, "fc2"): 3,
+                (5, "proj"): 4,
+            },
+        ),
         # K = 40: block 2 (65 -> 40 slots) gathers first, so its projection reads its own kept rows; blocks
         # 3..5 get 40 slots and keep 40, so they are back to projecting their input rows.
-        ("40", {(0, "fc1"): None, (2, "qkv"): None, (2, "proj"): 2, (2, "fc1"): 2, (3, "qkv"): 2, (3, "proj"): 2,
-                (3, "fc2"): 3, (5, "proj"): 4}),
+        (
+            "40",
+            {
+                (0, "fc1"): None,
+                (2, "qkv"): None,
+                (2, "proj"): 2,
+                (2, "fc1"): 2,
+                (3, "qkv"): 2,
+                (3, "proj"): 2,
+                (3, "fc2"): 3,
+                (5, "proj"): 4,
+            },
+        ),
         # K = 30,65,65,20: block 5 (30 slots in, 20 out) gathers first again.
         ("30,65,65,20", {(2, "proj"): 2, (3, "proj"): 2, (4, "proj"): 3, (5, "proj"): 5, (5, "qkv"): 4}),
     ],

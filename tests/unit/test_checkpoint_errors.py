@@ -107,7 +107,10 @@ def test_missing_and_unexpected_keys_are_listed(tiny_ckpt):
     sd["blocks.0.attn.out_zero_mask"] = np.zeros(3, np.float32)  # ignored training leftovers
     with pytest.raises(CheckpointError) as err:
         validate_state_dict(sd, tiny_ckpt.config)
-    assert _one_line(err.value) == "checkpoint is not a timm/DeiT ViT state_dict: missing norm.bias; unexpected extra.weight"
+    assert (
+        _one_line(err.value)
+        == "checkpoint is not a timm/DeiT ViT state_dict: missing norm.bias; unexpected extra.weight"
+    )
 
 
 def test_missing_core_keys(tmp_path):

@@ -320,7 +320,8 @@ def test_export_precisions_and_calibrate(tiny_pt, tmp_path):
 def test_report_dynamic_says_what_ran(tiny_pt, tmp_path):
     """Dynamic shapes: the slots each block processed are what the batch really kept (its largest count)."""
     out = tmp_path / "dyn"
-    res = runner.invoke(app, ["export", str(tiny_pt), "--heads", "2", "--shape", "dynamic", "-o", str(out), "--batch", "4"])
+    args = ["export", str(tiny_pt), "--heads", "2", "--shape", "dynamic", "-o", str(out), "--batch", "4"]
+    res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     res = runner.invoke(
         app,

@@ -257,7 +257,8 @@ def test_ctrl_c_in_a_command_is_one_line_and_exit_130(tiny_ckpt, tmp_path, monke
     ck = tmp_path / "tiny.pth"
     torch.save({"model": {k: torch.from_numpy(v.copy()) for k, v in tiny_ckpt.state_dict.items()}}, ck)
     monkeypatch.setattr(ex, "compare_outputs", interrupt)
-    res = CliRunner().invoke(app, ["export", str(ck), "--heads", "2", "-o", str(tmp_path / "out"), "--parity-inputs", "1"])
+    args = ["export", str(ck), "--heads", "2", "-o", str(tmp_path / "out"), "--parity-inputs", "1"]
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 130, res.output
     assert res.stderr.strip() == "error: interrupted; nothing was left half-written" and "Traceback" not in res.output
     assert not (tmp_path / "out").exists()

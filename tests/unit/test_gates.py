@@ -107,7 +107,9 @@ def test_too_many_excused_images_cannot_pass():
 
 def test_engine_compat_same_gpu_name_other_compute_capability():
     rec = {"backend": "tensorrt", "tensorrt_version": "10.3.0", "gpu": {"name": "Orin", "compute_capability": "8.7"}}
-    check_engine_compat(rec, backend="tensorrt", trt_version="10.3.0", gpu={"name": "Orin", "compute_capability": "8.7"})
+    check_engine_compat(
+        rec, backend="tensorrt", trt_version="10.3.0", gpu={"name": "Orin", "compute_capability": "8.7"}
+    )
     from ats_deploy.errors import InputError
 
     with pytest.raises(InputError, match="compute capability 8.7"):
@@ -173,4 +175,6 @@ def test_installed_script_runs(tmp_path):
     res = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "export" in res.stdout
     res = subprocess.run([exe, "parity", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 1 and res.stderr.strip().startswith("error: ") and len(res.stderr.strip().splitlines()) == 1
+    assert (
+        res.returncode == 1 and res.stderr.strip().startswith("error: ") and len(res.stderr.strip().splitlines()) == 1
+    )

@@ -15,12 +15,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from _helpers.score_cases import cases
 
 from ats_deploy.exporters.graph import FLOAT, INT32, GraphBuilder
 from ats_deploy.exporters.sampler import emit_portable_sampler
 from ats_deploy.model.ats import select_tokens
 from ats_deploy.model.reference import grid_size, select_one, select_reference
-from _helpers.score_cases import cases
 
 KS = (2, 3, 50, 99, 197)
 
