@@ -217,7 +217,9 @@ def test_tune_k_returns_a_valid_schedule_and_predicted_vs_measured(tiny_ckpt):
     assert all(c["high"] > res.target_ratio for c in res.checks[:-1])  # earlier checks were rejected
     text = format_tune(res)
     assert ("K schedule" in text) == res.feasible and ("not feasible" in text) != res.feasible
-    json.dumps(res.to_dict())
+    back = json.loads(json.dumps(res.to_dict()))  # the --json output carries the decision and its evidence
+    assert back["k_schedule"] == list(res.k_schedule) and back["feasible"] == res.feasible
+    assert [c["high"] for c in back["checks"]] == [c["high"] for c in res.checks]
 
 
 def test_tune_k_says_not_feasible_rather_than_slower(tiny_ckpt):
