@@ -375,3 +375,28 @@ def test_reference_provenance_each_way_it_can_be_proven(export_dir, fake_plan, t
     with pytest.raises(InputError) as err:
         check_reference(rec, load_reference(ref_c), ref_c)
     assert f"use the reference.npz from {export_dir.resolve()}" in str(err.value)
+
+
+class _Shifted(_OrtEngine):
+    """The export's graph with every logit moved by ``shift`` (an engine of lower precision, in effect)."""
+
+    shift = 0.01
+
+    def infer(self, feed):
+        out = super().infer(feed)
+        return {**out, "logits": out["logits"] + self.shift}
+
+
+@pytest.mark.parametrize("precision,passed", [("fp16", True), ("fp32", False)])
+def test_verify_judges_with_the_engines_precision(tmp_path, precision, passed):
+    """Logits 0.01 off: within the fp16 gate (5e-2), outside the fp32 one (1e-4); the record says which."""
+    from ats_deploy.runtime.verify import verify
+
+    exp = tiny_export(tmp_path / "e", dynamic_batch=True, parity_count=4)
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"stand-in plan bytes")
+    rec = fake_record(exp, engine={"sha256": trt_build.sha256_file(plan)}, precision=precision)
+    record_path(plan).write_text(json.dumps(rec))
+    res = verify(plan, exp / "reference.npz", runner=_Shifted(exp / "model.onnx", None, (1, 4)))
+    assert res.precision == precision and res.parity.tolerances.logits_atol == (5e-2 if precision == "fp16" else 1e-4)
+    assert res.parity.passed is passed

@@ -142,3 +142,9 @@ def test_static_slots_and_counts():
     assert idx.shape == (4, 20) and cnt.max() <= 20
     idx, cnt = select_tokens(scores, torch.full((4,), 50), k_max=197, n_ref=197)
     assert idx.shape == (4, 50)  # K_out = min(K, n)
+
+
+def test_reference_outputs_have_the_contract_dtypes():
+    """indices and count_out are int32 (the contract's, the plugin's and the kernel's), whatever the input."""
+    idx, cnt = select_reference(np.random.default_rng(0).random((3, 9)), np.array([9, 4, 1]), k_max=5, n_ref=197)
+    assert idx.dtype == np.int32 and cnt.dtype == np.int32 and idx.shape == (3, 5)
