@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 KILLED = {"killed", "timeout"}
+PENDING = {"not checked"}  # an interrupted run: left out of the score, counted apart
 
 
 def main() -> int:
@@ -25,8 +26,11 @@ def main() -> int:
         return 1
     by_module: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     survivors = []
+    pending = sum(status in PENDING for _, status in rows)
+    rows = [(n, st) for n, st in rows if st not in PENDING]
     for name, status in rows:
-        module = name.split(".x")[0].split("__mutmut")[0]
+        found = re.match(r"^(.*?)\.x(?:ǁ|_)", name)  # mutmut names: module.x_function__mutmut_N, module.xǁClassǁ...
+        module = found.group(1) if found else name.split("__mutmut")[0]
         by_module[module][status] += 1
         if status not in KILLED and status != "skipped":
             survivors.append((name, status))
@@ -40,7 +44,7 @@ def main() -> int:
     app = sum(total.values()) - total["skipped"]
     killed = sum(total[s] for s in KILLED)
     print(f"{'all':<44} {killed:>7} {app:>10} {killed / app if app else 1:>7.1%}")
-    print(f"statuses: {dict(total)}")
+    print(f"statuses: {dict(total)}" + (f"; {pending} not checked yet (run interrupted)" if pending else ""))
     print(f"\n{len(survivors)} not killed (see one with `mutmut show NAME`):")
     for name, status in survivors:
         print(f"  {status:<12} {name}")
