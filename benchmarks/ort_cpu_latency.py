@@ -45,29 +45,6 @@ def token_work(cfg, ats, counts: dict[int, float] | None = None) -> float:
     return total
 
 
-def sampler_share(model_bytes: bytes, feeds: list[dict], threads: int, runs: int = 10) -> float:
-    """Fraction of ONNX Runtime's summed node time spent in ``*/ats/*`` nodes (profiler; it adds a few
-    microseconds to every node, so small nodes weigh a little more than they do unprofiled)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.enable_profiling = True
-    so.intra_op_num_threads = threads or 0
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        so.profile_file_prefix = str(Path(tmp) / "prof")
-        sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
-        for i in range(runs):
-            sess.run(None, feeds[i % len(feeds)])
-        events = json.loads(Path(sess.end_profiling()).read_text())
-    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    total = sum(e["dur"] for e in nodes)
-    ats = sum(e["dur"] for e in nodes if "/ats/" in e["name"])
-    return ats / total if total else float("nan")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="deit_small_patch16_224")
@@ -85,7 +62,7 @@ def main() -> None:
     from ats_deploy.model.default import default_checkpoint
     from ats_deploy.model.presets import preset
     from ats_deploy.reports.flops import model_flops
-    from ats_deploy.reports.latency import measure_interleaved, paired_ratio
+    from ats_deploy.reports.latency import measure_interleaved, ort_ats_share, paired_ratio
     from ats_deploy.runtime.ort_runner import OrtRunner
 
     cfg = preset(args.model)
@@ -152,7 +129,7 @@ def main() -> None:
                 "kept_mean_per_block": {blk: round(float(np.mean(v)) - 1, 1) for blk, v in kept.items()},
             }
             if args.profile and ats.blocks:
-                row["ats_node_share"] = round(sampler_share(models[name], feeds, args.threads), 3)
+                row["ats_node_share"] = round(ort_ats_share(models[name], feeds, threads=args.threads)["overall"], 3)
             results.append(row)
         for r in runners.values():
             r.close()

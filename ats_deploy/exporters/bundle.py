@@ -138,6 +138,11 @@ def _forms(out: Path, onnx_names: list[str]) -> list[dict]:
     return sorted(forms, key=lambda f: (order.get(f["onnx"], 2), f["onnx"]))
 
 
+def _fenced(title: str, *commands: str) -> list[str]:
+    """README lines: a title, then the commands in a code block."""
+    return [title, "", "```", *commands, "```", ""]
+
+
 def render_readme(man: dict, forms: list[dict], contents: list[str], wheel: str = "wheels/ats_deploy.whl") -> str:
     """The bundle's README: exact steps on the Jetson (install, plugin, engines, verify, benchmark)."""
     ats = man.get("ats", {})
@@ -186,16 +191,12 @@ def render_readme(man: dict, forms: list[dict], contents: list[str], wheel: str 
         "",
     ]
     for label, _, trt_v, cuda_v, _, _, py in JETPACKS:
-        lines += [
+        lines += _fenced(
             f"{label} (Python {py}, CUDA {cuda_v}, TensorRT {trt_v}):",
-            "",
-            "```",
             f"python{py} -m venv --system-site-packages ~/ats-venv",
             f"~/ats-venv/bin/pip install {wheel}",
             ". ~/ats-venv/bin/activate",
-            "```",
-            "",
-        ]
+        )
     lines += [
         f"`python{JETPACKS[0][6]} -c 'import tensorrt; print(tensorrt.__version__)'` must print the TensorRT of "
         "the table: a virtual environment made from another Python does not see JetPack's bindings.",
@@ -204,14 +205,8 @@ def render_readme(man: dict, forms: list[dict], contents: list[str], wheel: str 
     if has_plugin:
         lines += ["## 2. Build the sampler plugin", ""]
         for label, _, _, _, gpu, arch, _ in JETPACKS:
-            lines += [
-                f"{label} ({gpu}, sm_{arch}):",
-                "",
-                "```",
-                f"ats-deploy plugin build --cuda-arch {arch} --build-dir build/ats_sampler",
-                "```",
-                "",
-            ]
+            cmd = f"ats-deploy plugin build --cuda-arch {arch} --build-dir build/ats_sampler"
+            lines += _fenced(f"{label} ({gpu}, sm_{arch}):", cmd)
         lines += [
             "Or with CMake directly from the sources in this bundle (same result):",
             "",

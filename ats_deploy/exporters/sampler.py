@@ -199,7 +199,8 @@ def emit_portable_sampler(
 
     # Kept = picked at least once; every update writes the same 1, so duplicate picks are harmless.
     ones = g.op("Add", g.op("Mul", pick, g.const(0)), g.const(1))
-    flags = g.op("ScatterElements", g.op("Mul", order, g.const(0)), pick, ones, axis=1)
+    zeros_p = g.op("Mul", order, g.const(0))  # [B, P] int64
+    flags = g.op("ScatterElements", zeros_p, pick, ones, axis=1)
     picked = g.op("Cast", flags, to=BOOL)
     if not all_valid:
         picked = g.op("And", picked, valid)
@@ -211,7 +212,7 @@ def emit_portable_sampler(
     # stay unique, so the scatter is deterministic on every backend); keep the first K_out (or s) slots.
     target = g.op("Where", picked, rank, g.op("Add", g.arange(0, p_dim), g.dim(k_out)))
     rows = g.op("Concat", g.shape_of(order, 0), g.dim(k_out), axis=0)
-    buf = g.op("Concat", g.op("Mul", order, g.const(0)), g.op("Expand", g.const([[0]]), rows), axis=1)
+    buf = g.op("Concat", zeros_p, g.op("Expand", g.const([[0]]), rows), axis=1)
     placed = g.op("ScatterElements", buf, target, g.op("Add", order, g.const(1)), axis=1)
     width = _reduce(g, "ReduceMax", count_out, [0], keepdims=1) if mode == "dynamic" else g.dim(k_out)
     indices = g.op("Slice", placed, g.const([0]), width, ax1)

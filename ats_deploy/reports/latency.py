@@ -647,8 +647,8 @@ def report(
             advance(0, description=f"batch {b}: building")
             runners = {"ats": factory(ats, b), "dense": factory(dense, b)}
             try:
-                x = _pad_to(pool, b)[:b]
                 padded = _pad_to(pool, b)
+                x = padded[:b]
                 chunks = [padded[i : i + b] for i in range(0, min(len(padded), 16 * b), b)]
                 advance(0, description=f"batch {b}: slots")
                 slots = _slots_processed(cfg, ats, runners["ats"], chunks) if backend != "tensorrt" else None

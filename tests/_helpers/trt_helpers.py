@@ -96,3 +96,23 @@ def fake_record(export_dir: Path, onnx_name: str = "model.onnx", **over) -> dict
     }
     rec.update(over)
     return rec
+
+
+class OrtEngine:
+    """A runner with the TensorRT engine's interface (``infer``, ``static_batch``, ``batch_range``) over the
+    export's ONNX in ONNX Runtime: the real comparison runs on the CPU, only TensorRT is replaced.
+    ``seen`` records the batch sizes it was given."""
+
+    def __init__(self, onnx_path, static_batch: int | None, batch_range: tuple[int, int]):
+        from ats_deploy.runtime.ort_runner import OrtRunner
+
+        self._ort = OrtRunner(onnx_path)
+        self.static_batch, self.batch_range = static_batch, batch_range
+        self.seen: list[int] = []
+
+    def infer(self, feed):
+        self.seen.append(len(feed["pixels"]))
+        return self._ort.infer(feed)
+
+    def close(self):
+        self._ort.close()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _helpers.trt_helpers import fake_record, tiny_export
+from _helpers.trt_helpers import OrtEngine, fake_record, tiny_export
 
 from ats_deploy.errors import ConfigError, DependencyError, InputError
 from ats_deploy.exporters import trt as trt_build
@@ -250,25 +250,6 @@ def test_runner_close_is_safe_after_a_failed_init(fake_plan):
     runner.close()
 
 
-class _OrtEngine:
-    """A runner with the engine's interface over the export's ONNX in ONNX Runtime (the real comparison
-    runs on the CPU; only TensorRT is replaced)."""
-
-    def __init__(self, onnx_path, static_batch, batch_range):
-        from ats_deploy.runtime.ort_runner import OrtRunner
-
-        self._ort = OrtRunner(onnx_path)
-        self.static_batch, self.batch_range = static_batch, batch_range
-        self.seen: list[int] = []
-
-    def infer(self, feed):
-        self.seen.append(len(feed["pixels"]))
-        return self._ort.infer(feed)
-
-    def close(self):
-        self._ort.close()
-
-
 def test_verify_on_the_cpu_chunks_by_the_engine_batch(tmp_path):
     """verify() through ONNX Runtime: a dynamic-batch engine gets chunks of its largest batch, a static one
     refuses a reference whose image count is not a multiple of its batch, and the verdict serialises."""
@@ -278,13 +259,13 @@ def test_verify_on_the_cpu_chunks_by_the_engine_batch(tmp_path):
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"stand-in plan bytes")
     record_path(plan).write_text(json.dumps(fake_record(exp, engine={"sha256": trt_build.sha256_file(plan)})))
-    eng = _OrtEngine(exp / "model.onnx", None, (1, 4))
+    eng = OrtEngine(exp / "model.onnx", None, (1, 4))
     res = verify(plan, exp / "reference.npz", runner=eng)
     assert res.parity.passed and res.images == 6 and res.batches == 2 and eng.seen == [4, 2]
     d = res.to_dict()
     assert d["plan"] == str(plan) and d["batches"] == 2 and d["passed"] is True and d["images"] == 6
     with pytest.raises(InputError, match="holds 6 images, not a multiple of the engine's batch 4") as err:
-        verify(plan, exp / "reference.npz", runner=_OrtEngine(exp / "model.onnx", 4, (4, 4)))
+        verify(plan, exp / "reference.npz", runner=OrtEngine(exp / "model.onnx", 4, (4, 4)))
     _one_line(err.value)
 
 
@@ -325,7 +306,7 @@ def test_verify_command_verdicts_through_the_cli(tmp_path, monkeypatch):
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"stand-in plan bytes")
     record_path(plan).write_text(json.dumps(fake_record(exp, engine={"sha256": trt_build.sha256_file(plan)})))
-    monkeypatch.setattr(tr, "TrtRunner", lambda plan, **kw: _OrtEngine(exp / "model.onnx", None, (1, 4)))
+    monkeypatch.setattr(tr, "TrtRunner", lambda plan, **kw: OrtEngine(exp / "model.onnx", None, (1, 4)))
     cli = CliRunner()
     res = cli.invoke(app, ["verify", str(plan), "--reference", str(exp / "reference.npz")])
     assert res.exit_code == 0, res.output
@@ -377,7 +358,7 @@ def test_reference_provenance_each_way_it_can_be_proven(export_dir, fake_plan, t
     assert f"use the reference.npz from {export_dir.resolve()}" in str(err.value)
 
 
-class _Shifted(_OrtEngine):
+class _Shifted(OrtEngine):
     """The export's graph with every logit moved by ``shift`` (an engine of lower precision, in effect)."""
 
     shift = 0.01

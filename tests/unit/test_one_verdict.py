@@ -81,24 +81,9 @@ def disagree_on(monkeypatch):
     return install
 
 
-class _FakeEngine:
-    """Stands in for a TrtRunner of the export's graph (static batch 4): ONNX Runtime underneath."""
-
-    def __init__(self, onnx_path):
-        self._ort = OrtRunner(onnx_path)
-        self.static_batch = BATCH
-        self.batch_range = (BATCH, BATCH)
-
-    def infer(self, feed):
-        return self._ort.infer(feed)
-
-    def close(self):
-        self._ort.close()
-
-
 def _verdicts(export_dir, tmp_path) -> dict[str, int]:
     """Exit code of parity and report, and verify's verdict as the exit code the CLI would give."""
-    from _helpers.trt_helpers import fake_record
+    from _helpers.trt_helpers import OrtEngine, fake_record
 
     from ats_deploy.exporters.trt import sha256_file
     from ats_deploy.runtime.verify import verify
@@ -116,7 +101,7 @@ def _verdicts(export_dir, tmp_path) -> dict[str, int]:
     plan.write_bytes(b"not a real engine")
     rec = fake_record(export_dir, engine={"sha256": sha256_file(plan)})
     (tmp_path / "model.plan.json").write_text(json.dumps(rec))
-    ver = verify(plan, export_dir / "reference.npz", runner=_FakeEngine(export_dir / "model.onnx"))
+    ver = verify(plan, export_dir / "reference.npz", runner=OrtEngine(export_dir / "model.onnx", BATCH, (BATCH, BATCH)))
     return {"parity": par.exit_code, "report": rep.exit_code, "verify": 0 if ver.parity.passed else 3}
 
 
