@@ -33,6 +33,7 @@ class RunLog:
     steps: int
     curve: list[dict]  # one record per held-out check: global_step, phase, img_size, images, heldout_top1
     img_per_s: dict[int, float]  # image size -> median training images/s
+    init_sha256: str | None = None  # the --init weights' sha256 when the run (last) started
 
 
 def read_run_log(run_dir: str | Path) -> RunLog:
@@ -63,6 +64,7 @@ def read_run_log(run_dir: str | Path) -> RunLog:
                     "img_size": int(r["img_size"]),
                     "images": int(r["global_step"]) * bs,
                     "heldout_top1": float(r["heldout_top1"]),
+                    "heldout_top1_ats": float(r["heldout_top1_ats"]) if "heldout_top1_ats" in r else None,
                 }
             )
     import statistics
@@ -85,6 +87,7 @@ def read_run_log(run_dir: str | Path) -> RunLog:
         steps=int(done[-1]["global_step"]),
         curve=curve,
         img_per_s={k: statistics.median(v) for k, v in sorted(speed.items())},
+        init_sha256=(resumes[-1] if resumes else recs[0]).get("init_sha256"),
     )
 
 
@@ -102,18 +105,74 @@ def machine_description() -> str:
 
 
 def _phases(config: dict) -> str:
-    rows = ["| phase | image size | steps | images | peak lr | warm-up steps |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| phase | image size | steps | images | peak lr | warm-up steps | ATS steps | attention guidance |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     bs = int(config["batch_size"])
     for i, p in enumerate(config["phases"]):
-        rows.append(f"| {i} | {p['img_size']} | {p['steps']} | {p['steps'] * bs:,} | {p['lr']:g} | {p['warmup']} |")
+        ats = "every other" if p.get("ats") else "none"
+        guide = f"weight {p['guide']:g}" if p.get("guide") else "-"
+        rows.append(
+            f"| {i} | {p['img_size']} | {p['steps']} | {p['steps'] * bs:,} | {p['lr']:g} | {p['warmup']} "
+            f"| {ats} | {guide} |"
+        )
     return "\n".join(rows)
 
 
+def _amp(amp: str) -> str:
+    return "bf16 autocast" if amp == "bf16" else "float32 (no autocast)"
+
+
+def base_training_section(init: str | Path, sha256: str | None = None) -> str | None:
+    """The "## Training" section of the card beside ``init`` when that card describes exactly that file
+    (its sha256 line matches; with ``sha256``, also the bytes the run started from), so a card of weights
+    fine-tuned from shipped ones keeps their history."""
+    from .weights import sha256_of
+
+    init = Path(init)
+    card = init.parent / "MODEL_CARD.md"
+    if not (init.is_file() and card.is_file()):
+        return None
+    text = card.read_text()
+    now = sha256_of(init)
+    if f"- sha256: `{now}`" not in text.splitlines() or (sha256 is not None and sha256 != now):
+        return None
+    lines = text.splitlines()
+    heads = [i for i, line in enumerate(lines) if line.startswith("## ")]
+    start = next((i for i in heads if lines[i].startswith("## Training")), None)
+    if start is None:
+        return None
+    end = next((i for i in heads if i > start and not lines[i].startswith("## Training")), len(lines))
+    return "\n".join(lines[start:end]).rstrip()
+
+
 def render_card(
-    *, sha256: str, command: str, log: RunLog, report: EvalReport, machine: str, eval_command: str
+    *,
+    sha256: str,
+    command: str,
+    log: RunLog,
+    report: EvalReport,
+    machine: str,
+    eval_command: str,
+    base: str | None = None,
+    init_sha256: str | None = None,
 ) -> str:
-    """The model card (markdown) for the shipped weights."""
+    """The model card (markdown) for the shipped weights; ``base``: the training section of the card of
+    the weights the run started from (``--init``), kept as the first stage of the history."""
     cfg = log.config
+    stage = None
+    if cfg.get("init"):
+        what = "the first stage above" if base is not None else "no card of them was found"
+        stage = f"- Started (`--init`) from weights with sha256 `{init_sha256 or '?'}` ({what})."
+    title = "## Training" + (", last stage" if base is not None else "") + " (`ats_deploy/demo/train.py`)"
+    guided = [p for p in cfg["phases"] if p.get("guide")]
+    guidance = (
+        f", attention guidance in the guided ATS phases ({cfg.get('guide_background', 0):.0%} of the target on "
+        "background patches)"
+        if guided
+        else ""
+    )
     dense = report.settings[0]
     lines = [
         "# deit_tiny_shapes: DeiT-Ti trained on procedural shapes (model card)",
@@ -139,8 +198,13 @@ def render_card(
         f"  repeated. Held-out: seed {HELDOUT_SEED} (never drawn by training); the held-out curve below uses",
         "  indices from 10,000,000 on, the evaluation indices from 0.",
         "",
-        "## Training (`ats_deploy/demo/train.py`)",
+    ]
+    if base is not None:
+        lines += [_demote(base, "first stage"), ""]
+    lines += [
+        title,
         "",
+        *([stage] if stage else []),
         f"- Command: `{command}`",
         f"- Machine: {machine}; torch {log.torch}, {log.threads} threads, no GPU.",
         f"- Wall time: {log.wall_s / 60:.1f} minutes for {log.steps:,} steps "
@@ -149,19 +213,22 @@ def render_card(
         + ".",
         f"- Recipe: AdamW (weight decay {cfg['weight_decay']}), batch {cfg['batch_size']}, linear warm-up then "
         f"cosine to {cfg['min_lr']:g} per phase, label smoothing {cfg['label_smoothing']}, gradient clip "
-        f"{cfg['clip_grad']}, {cfg['amp']} autocast, token labelling weight {cfg['token_label']} (patches "
+        f"{cfg['clip_grad']}, {_amp(cfg['amp'])}, token labelling weight {cfg['token_label']} (patches "
         f"covered >= {cfg['token_threshold']:.0%} by the object labelled with its class), position "
-        "embedding resized bicubically between phases.",
+        f"embedding resized bicubically between phases{guidance}.",
         "",
         _phases(cfg),
         "",
-        "Held-out top-1 during training (500 monitoring images at the phase's resolution):",
+        f"Held-out top-1 during training ({cfg.get('eval_images', 500)} monitoring images at the phase's "
+        "resolution; ATS phases also through ATS in the paper's placement):",
         "",
-        "| step | phase | image size | images seen | held-out top-1 % |",
-        "|---|---|---|---|---|",
+        "| step | phase | image size | images seen | held-out top-1 % | with ATS % |",
+        "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {c['global_step']} | {c['phase']} | {c['img_size']} | {c['images']:,} | {c['heldout_top1']:.1f} |"
+        f"| {c['global_step']} | {c['phase']} | {c['img_size']} | {c['images']:,} | {c['heldout_top1']:.1f} | "
+        + ("-" if c.get("heldout_top1_ats") is None else f"{c['heldout_top1_ats']:.1f}")
+        + " |"
         for c in log.curve
     ]
     lines += [
@@ -201,6 +268,15 @@ def render_card(
     return "\n".join(lines)
 
 
+def _demote(section: str, what: str) -> str:
+    """A card's "## Training ..." section as this card's first stage."""
+    first, _, rest = section.partition("\n")
+    if first.startswith("## Training ("):
+        return f"## Training, {what}: the starting weights" + first[len("## Training") :] + "\n" + rest
+    # Already a history of stages: its last stage becomes an earlier one.
+    return section.replace("## Training, last stage (", "## Training, earlier stage (")
+
+
 def ship_run(
     run_dir: str | Path,
     *,
@@ -214,7 +290,7 @@ def ship_run(
 
     ``command`` is the training command shown on the card (default: the one the log recorded)."""
     from .evaluate import evaluate
-    from .weights import export_demo_weights, load_demo_checkpoint
+    from .weights import export_demo_weights, load_demo_checkpoint, sha256_of
 
     run = Path(run_dir)
     log = read_run_log(run)
@@ -225,6 +301,10 @@ def ship_run(
     if not final.is_file():
         raise InputError(f"{final} is missing; the run in {run} did not write its final weights")
     dst = Path(dst or DEMO_WEIGHTS)
+    # Read before the export: the starting weights may be the very file about to be replaced.
+    init = log.config.get("init")
+    base = base_training_section(init, log.init_sha256) if init else None
+    init_sha = log.init_sha256 or (sha256_of(init) if init and Path(init).is_file() else None)
     digest = export_demo_weights(final, dst)
     report = evaluate(load_demo_checkpoint(dst), images=images, progress=progress)
     text = render_card(
@@ -234,6 +314,8 @@ def ship_run(
         report=report,
         machine=machine_description(),
         eval_command=f"ats-deploy demo eval --images {images}",
+        base=base,
+        init_sha256=init_sha,
     )
     card = dst.parent / "MODEL_CARD.md"
     tmp = card.with_name(card.name + ".tmp")

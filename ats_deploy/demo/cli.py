@@ -72,6 +72,8 @@ def train_config(**opts):
         "eval_every": opts["eval_every"],
         "eval_images": opts["eval_images"],
         "workers": opts["workers"],
+        "init": _init_path(opts.get("init")),
+        "guide_background": opts.get("guide_background"),
     }
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(k for k, v in given.items() if v is not None and k not in known)
@@ -79,6 +81,15 @@ def train_config(**opts):
         flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
         raise ConfigError(f"{flags}: not supported by this version's trainer; drop the option or update ats-deploy")
     return TrainConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def _init_path(init: str | None) -> str | None:
+    """``--init demo`` names the shipped demo weights; anything else is a path."""
+    if init == "demo":
+        from .weights import DEMO_WEIGHTS
+
+        return str(DEMO_WEIGHTS)
+    return init
 
 
 @demo_app.command("train")
@@ -89,8 +100,9 @@ def demo_train(
         list[str] | None,
         typer.Option(
             "--phase",
-            metavar="IMG:STEPS:LR:WARMUP[:SMIN:SMAX]",
-            help="A training phase (repeat for several, in order); replaces the --*-low/--*-high options.",
+            metavar="IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats[:guide=W]]",
+            help="A training phase (repeat for several, in order); replaces the --*-low/--*-high options. "
+            "':ats' runs every other step through ATS; ':guide=W' adds attention guidance with weight W.",
         ),
     ] = None,
     steps_low: Annotated[int | None, typer.Option("--steps-low", help="Steps of the low-resolution phase.")] = None,
@@ -123,6 +135,16 @@ def demo_train(
     eval_images: Annotated[int | None, typer.Option("--eval-images", help="Images per held-out check.")] = None,
     workers: Annotated[
         int | None, typer.Option("--workers", min=0, help="Data-generating processes (GPU boxes: 8-16).")
+    ] = None,
+    guide_background: Annotated[
+        float | None,
+        typer.Option("--guide-background", min=0.0, max=1.0, help="Attention guidance's share on background patches."),
+    ] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            "--init", metavar="WEIGHTS", help="Start from these .safetensors weights ('demo': the shipped ones)."
+        ),
     ] = None,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Start over instead of resuming --out.")] = False,
 ) -> None:

@@ -62,6 +62,23 @@ class Phase:
     # ATS keeps ~10-20 tokens and loses the class; this teaches the same weights to classify from the
     # tokens ATS keeps while staying accurate dense.
     ats: bool = False
+    # Attention guidance (ATS phases only, weight; 0: off): on every ATS step, each ATS block's
+    # significance scores (the ones its sampler reads, r_j = sum_h A_h[CLS, j] * ||V_j||), normalised over
+    # the block's valid patches, are pulled towards a uniform distribution over the object's patches
+    # (the token-labelling mask: patches covered >= token_threshold by the rendered object) by a
+    # cross-entropy term, averaged over the ATS blocks. The sampler then spends its grid on the object:
+    # every object patch carries about 1/(object patches) of the mass, far above the grid step 1/(K-2),
+    # so ATS keeps the object and drops the background, which is what the demo exists to show. The
+    # selection itself is not differentiable and is not changed; only the weights learn.
+    guide: float = 0.0
+
+
+# Share of the attention-guidance target spread evenly over the valid background patches. The authors'
+# rule never keeps the lowest-scored patch, so a block whose kept set held the object alone would drop
+# one object patch per ATS block (measured on the dense-trained model: recall 0.89 at block 4 falling
+# to 0.54 at block 11, K' 18.6 -> 11.0). Background patches with a small even share keep a buffer of
+# low-scored tokens that the rule drops instead.
+GUIDE_BACKGROUND = 0.2
 
 
 @dataclass(frozen=True)
@@ -94,6 +111,11 @@ class TrainConfig:
     ema: float = 0.0
     # Architecture overrides (the default is DeiT-Ti; tests shrink it).
     arch: dict = field(default_factory=dict)
+    # Start from these weights (a safetensors file of this trainer or the shipped demo weights) instead
+    # of timm's random init; the recipe records their sha256, not the path.
+    init: str | None = None
+    # Attention guidance's background share (see GUIDE_BACKGROUND; used by phases with guide > 0).
+    guide_background: float = GUIDE_BACKGROUND
     # Bookkeeping, not part of the result:
     device: str = "cpu"
     threads: int | None = None
@@ -108,6 +130,11 @@ class TrainConfig:
             raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        for i, ph in enumerate(self.phases):
+            if ph.guide and not ph.ats:
+                raise ValueError(f"phase {i}: attention guidance needs an ATS phase (add :ats before :guide=W)")
+            if ph.guide and self.token_label <= 0:
+                raise ValueError("attention guidance uses the token labels: keep token_label > 0")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -119,6 +146,11 @@ class TrainConfig:
         d = self.to_dict()
         for k in ("device", "threads", "out_dir", "ckpt_every_s", "eval_every", "eval_images", "workers"):
             d.pop(k)
+        init = d.pop("init")
+        if init is not None:
+            from ..artifacts import sha256_file
+
+            d["init_sha256"] = sha256_file(init)
         return d
 
 
@@ -328,8 +360,8 @@ def _resumable(saved: dict | None, global_step: int, cfg: TrainConfig) -> bool:
     new = cfg.recipe()
     if saved == new:
         return True
-    # Recipes saved before Phase.ats existed have no "ats" key: those phases ran dense.
-    old_phases = [{"ats": False, **p} for p in saved.get("phases", [])]
+    # Recipes saved before Phase.ats / Phase.guide existed lack those keys: those phases ran dense, unguided.
+    old_phases = [{"ats": False, "guide": 0.0, **p} for p in saved.get("phases", [])]
     new_phases = new["phases"]
     same_rest = {k: v for k, v in saved.items() if k != "phases"} == {k: v for k, v in new.items() if k != "phases"}
     finished = sum(p["steps"] for p in old_phases) == global_step
@@ -375,6 +407,10 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
     from ..model.vit import VisionTransformer
 
     cfg = replace(cfg, device=_resolve_device(cfg.device))
+    if cfg.init and not Path(cfg.init).is_file():
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--init {cfg.init}: no such file; pass a .safetensors file of `demo train` or 'demo'")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _set_determinism(cfg)
@@ -388,8 +424,11 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
     if state is not None and not _resumable(state.get("recipe"), state.get("global_step", 0), cfg):
         state = None  # a different recipe: start over rather than mixing runs
     g0 = state["global_step"] if state else 0
+    # The starting weights' sha256 as they were when the run began (the file may be replaced later, e.g.
+    # when the run's result is shipped over the demo weights it started from).
+    init_sha = {"init_sha256": cfg.recipe()["init_sha256"]} if cfg.init else {}
     if state:
-        log(event="resume", global_step=g0, config=json.dumps(cfg.to_dict()), argv=" ".join(sys.argv))
+        log(event="resume", global_step=g0, config=json.dumps(cfg.to_dict()), argv=" ".join(sys.argv), **init_sha)
     else:
         log(
             event="start",
@@ -397,7 +436,17 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
             torch=torch.__version__,
             threads=torch.get_num_threads(),
             argv=" ".join(sys.argv),
+            **init_sha,
         )
+    if cfg.amp == "bf16" and dev.type == "cpu":
+        slow = bf16_slowdown()
+        if slow > BF16_SLOW:
+            log(
+                event="warning",
+                bf16_slowdown=slow,
+                message=f"bf16 autocast runs {slow:.0f}x slower than float32 on this CPU (no native bf16 "
+                "matrix units: AVX512-BF16 or AMX); train with --amp none here (other weights than a bf16 run)",
+            )
 
     # The token-labelling head lives across phases (it sees one token at a time: resolution-free).
     aux = torch.nn.Linear(model_config(cfg.phases[0].img_size, cfg.arch).embed_dim, NUM_CLASSES + 1)
@@ -417,7 +466,10 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
         vcfg = model_config(phase.img_size, cfg.arch)
         new = VisionTransformer(vcfg)
         if model is None:
-            init_weights(new)
+            if cfg.init:
+                _load_init(new, cfg.init)
+            else:
+                init_weights(new)
         else:
             new.load_state_dict(_resized_state(model, vcfg))
             if ema is not None:
@@ -448,7 +500,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
         ds = ShapesDataset(cfg.data_seed, 2**62, phase.img_size, scale=phase.scale or cfg.scale)
         log(event="phase", phase=pi, img_size=phase.img_size, steps=phase.steps, tokens=vcfg.num_tokens)
         last_ckpt = time.monotonic()
-        t_win, n_win, loss_win = time.perf_counter(), 0, []
+        t_win, n_win, loss_win, guide_win = time.perf_counter(), 0, [], []
         prog = Progress(
             TextColumn(f"phase {pi} ({phase.img_size}px)"),
             BarColumn(),
@@ -470,9 +522,11 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
                     grp["lr"] = lr
                 x, y = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
                 ats_step = phase.ats and step % 2 == 1
+                guided = ats_step and phase.guide > 0
+                recorded: list | None = [] if guided else None
                 _set_ats(model, ats_step)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-                    feats = model.forward_features(x)[0]
+                    feats, trace_ids, _ = model.forward_features(x, recorded)
                     logits = model.forward_head(feats)
                     tok = aux(feats[:, vcfg.num_prefix_tokens :]).flatten(0, 1) if use_tokens and not ats_step else None
                 _set_ats(model, False)
@@ -480,6 +534,14 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
                 if tok is not None:
                     tok_y = torch.from_numpy(t).to(dev).flatten()
                     loss = loss + cfg.token_label * F.cross_entropy(tok.float(), tok_y)
+                if guided:
+                    assert recorded is not None
+                    obj = torch.from_numpy(t).to(dev) != NUM_CLASSES  # [B, patches] by original patch id
+                    g_loss = guidance_loss(
+                        recorded, trace_ids, obj, vcfg.num_prefix_tokens, background=cfg.guide_background
+                    )
+                    guide_win.append(float(g_loss.detach()))
+                    loss = loss + phase.guide * g_loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip_grad:
@@ -507,14 +569,23 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
                         "img_per_s": ips,
                         "img_size": phase.img_size,
                     }
+                    if guide_win:
+                        rec["guide_loss"] = float(np.mean(guide_win))
                     if cfg.eval_every and (done % cfg.eval_every == 0 or last_of_phase):
+                        watched = _weights(model, ema)
                         rec["heldout_top1"] = evaluate_dense(
-                            _weights(model, ema), cfg.eval_images, phase.img_size, scale=cfg.scale, device=cfg.device
+                            watched, cfg.eval_images, phase.img_size, scale=cfg.scale, device=cfg.device
                         )
+                        if phase.ats:  # the same images through the paper's ATS placement
+                            _set_ats(watched, True)
+                            rec["heldout_top1_ats"] = evaluate_dense(
+                                watched, cfg.eval_images, phase.img_size, scale=cfg.scale, device=cfg.device
+                            )
+                            _set_ats(watched, False)
                     history.append(rec)
                     log(**rec)
                     prog.update(task, info=f"loss {rec['loss']:.3f} {ips:.1f} img/s")
-                    t_win, n_win, loss_win = time.perf_counter(), 0, []
+                    t_win, n_win, loss_win, guide_win = time.perf_counter(), 0, [], []
                 prog.advance(task)
                 if time.monotonic() - last_ckpt >= cfg.ckpt_every_s or last_of_phase:
                     save_weights(_weights(model, ema), out / "last.safetensors", metadata={**meta, "global_step": done})
@@ -540,6 +611,85 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
     log(event="done", global_step=g_start, weights=str(final))
     log.close()
     return TrainResult(final, g_start, loss_val, history)
+
+
+BF16_SLOW = 2.0  # bf16 autocast slower than float32 by more than this: the CPU emulates it
+
+
+def bf16_slowdown(size: int = 256, reps: int = 3) -> float:
+    """Time of a bf16 matrix product over the float32 one on this CPU (best of ``reps``).
+
+    CPUs with AVX512-BF16 or AMX run bf16 about 2-3x faster than float32 (a DeiT-Ti training step 3.4x);
+    AVX2-only CPUs emulate it, measured 450x slower (0.3 against 136 GFLOP/s on a 2-core AMD EPYC).
+    """
+    import torch
+
+    a = torch.randn(size, size)
+    times = {}
+    for dt in (torch.float32, torch.bfloat16):
+        x = a.to(dt)
+        x @ x
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            x @ x
+            best = min(best, time.perf_counter() - t0)
+        times[dt] = best
+    return times[torch.bfloat16] / max(times[torch.float32], 1e-9)
+
+
+def guidance_loss(recorded, trace_ids, obj, num_prefix: int = 1, *, background: float = GUIDE_BACKGROUND):
+    """Attention-guidance loss (see :attr:`Phase.guide`), averaged over the ATS blocks of one forward pass.
+
+    ``recorded``: per ATS block, its sampler input (scores [B, n] float32 in slot order, slot 0 = CLS;
+    valid count [B]), as ``forward_features(x, sampler_inputs=...)`` records it, scores still attached to
+    the graph. ``trace_ids``: per ATS block, the original token ids of its output slots (the input slots of
+    the next one). ``obj``: [B, patches] bool, patch p (original order) belongs to the object. Per image and
+    block: cross-entropy between the target and the scores normalised over the valid patches, where the
+    target puts ``1 - background`` evenly on the object patches among the valid slots and ``background``
+    evenly on the other valid patches (all of it on the object when there are none); images without an
+    object patch there are skipped.
+    """
+    import torch
+
+    b, n_in = recorded[0][0].shape[0], recorded[0][0].shape[1] + (num_prefix - 1)
+    dev = obj.device
+    obj_tok = torch.cat([torch.zeros(b, num_prefix, dtype=torch.bool, device=dev), obj], dim=1)
+    ids_in = [torch.arange(n_in, device=dev).expand(b, n_in)] + list(trace_ids[:-1])
+    terms = []
+    for (scores, count), ids in zip(recorded, ids_in):
+        if num_prefix > 1:  # the sampler does not see the distillation token (slot 1)
+            ids = torch.cat([ids[:, :1], ids[:, num_prefix:]], dim=1)
+        slots = torch.arange(scores.shape[1], device=dev)
+        valid = (slots[None, :] >= 1) & (slots[None, :] < count[:, None])
+        on_obj = torch.gather(obj_tok, 1, ids) & valid
+        on_bg = valid & ~on_obj
+        r = torch.where(valid, scores.float(), torch.zeros((), device=dev))
+        logp = torch.log(r / r.sum(dim=1, keepdim=True).clamp_min(1e-12) + 1e-8)
+        n_obj, n_bg = on_obj.sum(dim=1, keepdim=True), on_bg.sum(dim=1, keepdim=True)
+        bg_share = torch.where(n_bg > 0, torch.full((), background, device=dev), torch.zeros((), device=dev))
+        target = on_obj.float() * (1 - bg_share) / n_obj.clamp(min=1) + on_bg.float() * bg_share / n_bg.clamp(min=1)
+        ce = -(target * logp).sum(dim=1)
+        has = (n_obj[:, 0] > 0).float()
+        terms.append((ce * has).sum() / has.sum().clamp(min=1.0))
+    return torch.stack(terms).mean()
+
+
+def _load_init(model, path: str) -> None:
+    """Start ``model`` from the weights in ``path`` (position embedding resized to its grid)."""
+    from safetensors.torch import load_file
+
+    from ..errors import ConfigError
+
+    try:
+        sd = {k: v.float() for k, v in load_file(path).items()}
+        pe = sd["pos_embed"]
+        old_grid = int(round((pe.shape[1] - model.cfg.num_prefix_tokens) ** 0.5))
+        sd["pos_embed"] = resize_pos_embed(pe, old_grid, model.cfg.grid, model.cfg.num_prefix_tokens)
+        model.load_state_dict(sd)
+    except Exception as exc:  # safetensors' header errors, missing keys, shape mismatches
+        msg = str(exc).splitlines()[0][:200]
+        raise ConfigError(f"--init {path}: not weights of this model ({msg}); pass weights of `demo train`") from None
 
 
 def _weights(model, ema: _Ema | None):
@@ -593,24 +743,36 @@ def measure_throughput(
 
 
 def _set_ats(model, on: bool) -> None:
-    """Switch the paper's ATS placement on or off in ``model`` in place (same weights; training only)."""
-    from ..model.config import resolve_ats
+    """Switch the paper's ATS placement on or off in ``model`` in place (same weights; training only).
 
-    ats = resolve_ats(model.cfg) if on else None
+    Dynamic shapes: each batch carries only as many slots as its largest K' (what the valid tokens see is
+    the same as with static shapes, padding never reaches them), so ATS steps cost what ATS saves.
+    """
+    from ..model.config import ATSConfig, resolve_ats
+
+    ats = resolve_ats(model.cfg, shape_mode="dynamic") if on else ATSConfig()
+    model.ats = ats
     for i, blk in enumerate(model.blocks):
-        blk.k_max = ats.k_for(i) if ats is not None else None
+        blk.k_max = ats.k_for(i)
 
 
 def _parse_phase(text: str) -> Phase:
-    """``IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats]`` -> Phase (argparse turns the ValueError into a usage error)."""
+    """``IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats[:guide=W]]`` -> Phase (argparse turns the ValueError into a
+    usage error)."""
     parts = text.split(":")
+    guide = 0.0
+    if parts[-1].startswith("guide="):
+        guide = float(parts[-1][len("guide=") :])
+        parts = parts[:-1]
+        if parts[-1] != "ats":
+            raise ValueError(f"guide=W needs an ATS phase (...:ats:guide=W), got {text!r}")
     ats = parts[-1] == "ats"
     if ats:
         parts = parts[:-1]
     if len(parts) not in (4, 6):
-        raise ValueError(f"expected IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats], got {text!r}")
+        raise ValueError(f"expected IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats[:guide=W]], got {text!r}")
     scale = (float(parts[4]), float(parts[5])) if len(parts) == 6 else None
-    return Phase(int(parts[0]), int(parts[1]), float(parts[2]), int(parts[3]), scale, ats)
+    return Phase(int(parts[0]), int(parts[1]), float(parts[2]), int(parts[3]), scale, ats, guide)
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -640,7 +802,7 @@ def _main(argv: list[str] | None = None) -> int:
         "--phase",
         action="append",
         type=_parse_phase,
-        metavar="IMG:STEPS:LR:WARMUP[:SMIN:SMAX]",
+        metavar="IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats[:guide=W]]",
         help="a training phase (repeat for several, in order); replaces the --*-low/--*-high options",
     )
     p.add_argument("--token-label", type=float, default=d.token_label, help="token-labelling loss weight (0: off)")
@@ -655,6 +817,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-images", type=int, default=d.eval_images)
     p.add_argument("--workers", type=int, default=0, help="data-generating processes (GPU boxes: 8-16)")
+    p.add_argument("--init", default=None, help="start from these .safetensors weights")
     p.add_argument("--no-resume", action="store_true")
     a = p.parse_args(argv)
     phases = tuple(
@@ -682,6 +845,7 @@ def _main(argv: list[str] | None = None) -> int:
         eval_every=a.eval_every,
         eval_images=a.eval_images,
         workers=a.workers,
+        init=a.init,
     )
     res = train(cfg, resume=not a.no_resume)
     print(res.final_weights)
