@@ -140,7 +140,7 @@ def export(
     calib_data: Annotated[
         Path | None, typer.Option("--calib-data", help="Calibration images/.npy (or shapes:train:N) for int8.")
     ] = None,
-    calib_method: Annotated[CalibMethod, typer.Option("--calib-method", help="INT8 range method.")] = "entropy",
+    calib_method: Annotated[CalibMethod, typer.Option("--calib-method", help="INT8 range method.")] = "max",
     as_json: JsonOpt = False,
 ) -> None:
     """Export a ViT checkpoint with ATS to ONNX (+ manifest, reference outputs) and check parity."""
@@ -278,7 +278,7 @@ def calibrate(
     data: Annotated[
         Path, typer.Option("--data", help="Calibration images folder, .npy or shapes:train:N (100+ samples).")
     ],
-    method: Annotated[CalibMethod, typer.Option("--method", help="How activation ranges are chosen.")] = "entropy",
+    method: Annotated[CalibMethod, typer.Option("--method", help="How activation ranges are chosen.")] = "max",
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Use at most this many samples.")] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Calibration batch size.")] = 16,
     percentile: Annotated[float, typer.Option("--percentile", help="For --method percentile.")] = 99.99,

@@ -18,8 +18,11 @@ fc1, fc2) and nothing else:
 Calibration runs the float32 graph in ONNX Runtime with the targeted activations as extra outputs, over
 valid token rows only (ATS padding slots repeat CLS and would bias the histograms). Ranges come from ONNX
 Runtime's calibration collectors: ``max`` (amax), ``entropy`` (KL-divergence threshold, TensorRT's
-classic method) and ``percentile`` (of |x|). They are cached next to the output, keyed by the sha256 of
-the model bytes, of the calibration data and of the settings.
+classic method) and ``percentile`` (of |x|). ``max`` is the default, as in NVIDIA ModelOpt's INT8
+configuration: on the trained demo DeiT-Ti (512 held-out images, all four Linear kinds quantised) it keeps
+99.0% top-1 agreement with float32 (logits cosine 0.998) where entropy's clipped ranges keep 95.3%
+(0.986), and leaving qkv in float did not help entropy (94.7%). They are cached next to the output, keyed
+by the sha256 of the model bytes, of the calibration data and of the settings.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ FP16_TINY = 2.0**-14  # smallest normal float16: a smaller scale would lose prec
 class CalibrationSettings:
     """Everything that changes the computed ranges (all of it goes into the cache key)."""
 
-    method: str = "entropy"
+    method: str = "max"
     percentile: float = 99.99
     num_bins: int = 1024  # histogram bins (entropy: two-sided; percentile: of |x|, 2048 recommended)
     num_quantized_bins: int = 255  # entropy: 255 two-sided levels = symmetric int8
@@ -514,7 +517,7 @@ def calibrate(
     onnx_path: str | Path | onnx.ModelProto,
     data,
     *,
-    method: str = "entropy",
+    method: str = "max",
     output: str | Path | None = None,
     cache: str | Path | None | Literal[False] = None,
     preprocess: Preprocess | None = None,
@@ -592,7 +595,7 @@ def calibrate_export(
     out_dir: str | Path,
     data,
     *,
-    method: str = "entropy",
+    method: str = "max",
     limit: int | None = None,
     batch_size: int = 16,
     percentile: float = 99.99,

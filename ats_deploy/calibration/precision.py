@@ -50,15 +50,18 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLine
 _LINEAR = re.compile(r"^(?P<prefix>.+)\.weight\.T$")
 _BLOCK = re.compile(r"^blocks\.(?P<i>\d+)\.")
 
-# Gates measured against the fp32 PyTorch model (not against the fp32 ONNX graph). The kept-set gate is
-# on the mean number of flipped tokens per (image, block) relative to the kept count, because ATS picks
-# are discontinuous: a 1e-3 change of a score moves a grid point across a decision boundary. See
-# format_precision_parity() and the report that came with this module for the figures behind them.
+# Gates measured against the fp32 PyTorch model (not against the fp32 ONNX graph): top-1 agreement and
+# the logits' cosine. Kept sets are reported, not gated: ATS picks are discontinuous (a 1e-3 change of a
+# score moves a grid point across a decision boundary, and the low-scored background tokens a trained
+# model keeps as a buffer have near-equal scores), so reduced precision swaps near-tied tokens without
+# changing what the model sees of the object; top-1 and logits measure whether that matters.
 PRECISION_TOLERANCES: dict[str, Tolerances] = {
-    "fp16": Tolerances(logits_atol=float("inf"), top1_min=0.90, kept_min=0.0),
-    "int8": Tolerances(logits_atol=float("inf"), top1_min=0.80, kept_min=0.0),
+    "fp16": Tolerances(logits_atol=float("inf"), top1_min=0.99, kept_min=0.0),
+    "int8": Tolerances(logits_atol=float("inf"), top1_min=0.97, kept_min=0.0),
 }
-COSINE_MIN = {"fp16": 0.95, "int8": 0.90}
+# Logits cosine, mean over images. Measured on the trained demo model (512 held-out images): fp16 0.9997,
+# int8 (max calibration) 0.998; top-1 agreement 99.0% for both.
+COSINE_MIN = {"fp16": 0.995, "int8": 0.99}
 
 
 def artifact_name(base: str, precision: str) -> str:
@@ -358,6 +361,11 @@ def format_precision_parity(res: PrecisionParity, *, title: str | None = None) -
             lines.append(
                 f"  {s.block:>5}  {s.kept_mean:7.1f}  {s.set_agreement:9.1%}  {s.flips_mean:10.2f}  {s.flips_max:3d}"
             )
+    if res.kept_set_agreement < 1.0:
+        lines.append(
+            "  kept sets are reported, not gated: a patch whose score puts it within rounding of a grid point "
+            f"moves in or out when {res.precision} rounding shifts the scores; top-1 and logits judge the effect"
+        )
     lines += [f"  FAILED: {f}" for f in res.failures]
     return "\n".join(lines)
 
