@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from ats_deploy.calibration.int8 import CalibrationSettings, _as_batches, int8_violations, quantize_int8
 from ats_deploy.errors import InputError
@@ -111,3 +111,78 @@ def test_int8_violations_sees_each_broken_invariant(int8_graph):
     assert any("scale must be a positive finite float16" in v for v in _broken(int8_graph, bad_scale))
     assert any("scale must be a positive finite float16" in v for v in _broken(int8_graph, fp32_scale))
     assert any("Q/DQ on an ATS node" in v for v in _broken(int8_graph, rename_to_ats))
+
+
+def _linear_matmul(m):
+    """The first MatMul whose two inputs both come from DequantizeLinear, with its two DQ nodes."""
+    producer = {o: n for n in m.graph.node for o in n.output}
+    for n in m.graph.node:
+        srcs = [producer.get(x) for x in n.input]
+        if n.op_type == "MatMul" and all(p is not None and p.op_type == "DequantizeLinear" for p in srcs):
+            return n, srcs[0], srcs[1]
+    raise AssertionError("no quantised MatMul")
+
+
+def test_int8_violations_see_the_matmul_and_scale_layout_breaks(int8_graph):
+    def q_feeds_a_second_user(m):
+        a_dq = _linear_matmul(m)[1]
+        q_out = a_dq.input[0]
+        m.graph.node.append(helper.make_node("Identity", [q_out], ["extra_user"], name="extra"))
+
+    def activation_not_quantised(m):
+        mm, a_dq, _ = _linear_matmul(m)
+        q = next(n for n in m.graph.node if a_dq.input[0] in n.output)
+        mm.input[0] = q.input[0]  # the float activation straight into the MatMul
+
+    def weight_axis_0(m):
+        _, _, w_dq = _linear_matmul(m)
+        kept = [a for a in w_dq.attribute if a.name != "axis"]
+        del w_dq.attribute[:]
+        w_dq.attribute.extend(kept + [helper.make_attribute("axis", 0)])
+
+    def weight_float(m):
+        _, _, w_dq = _linear_matmul(m)
+        t = _init(m, w_dq.input[0])
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+
+    def per_channel_activation(m):
+        _, a_dq, _ = _linear_matmul(m)
+        t = _init(m, a_dq.input[1])
+        t.CopyFrom(numpy_helper.from_array(np.repeat(numpy_helper.to_array(t).reshape(1), 4), t.name))
+
+    assert any("must feed exactly one DequantizeLinear" in v for v in _broken(int8_graph, q_feeds_a_second_user))
+    assert any("only one MatMul input is quantised" in v for v in _broken(int8_graph, activation_not_quantised))
+    per_channel = "weight must be int8 [in, out] with per-output-channel scales on axis 1"
+    assert any(per_channel in v for v in _broken(int8_graph, weight_axis_0))
+    assert any(per_channel in v for v in _broken(int8_graph, weight_float))
+    assert any("activation scale must be per tensor" in v for v in _broken(int8_graph, per_channel_activation))
+
+
+def test_a_calibration_cache_is_used_only_for_the_same_model_data_and_settings(tmp_path):
+    """Each mismatch is named in the reason the cache is ignored; the matching cache is returned."""
+    from ats_deploy.calibration.int8 import _cache_load, _cache_save
+
+    path = tmp_path / "calib.json"
+    st = CalibrationSettings(method="max")
+    assert _cache_load(path, model_sha="m", data_sha="d", settings=st) == (None, "")
+    _cache_save(path, model_sha="m", data_sha="d", settings=st, images=12, amax={"blocks.0.attn.qkv": 1.5})
+    doc, why = _cache_load(path, model_sha="m", data_sha="d", settings=st)
+    assert why == "" and doc["amax"] == {"blocks.0.attn.qkv": 1.5}
+    assert "belongs to another model" in _cache_load(path, model_sha="x", data_sha="d", settings=st)[1]
+    assert "other calibration data" in _cache_load(path, model_sha="m", data_sha="x", settings=st)[1]
+    other = CalibrationSettings(method="entropy")
+    assert "other settings (method max)" in _cache_load(path, model_sha="m", data_sha="d", settings=other)[1]
+    path.write_text("{not json")
+    assert "not readable JSON" in _cache_load(path, model_sha="m", data_sha="d", settings=st)[1]
+    path.write_text('{"format": "something else"}')
+    assert "not an ats-deploy calibration cache" in _cache_load(path, model_sha="m", data_sha="d", settings=st)[1]
+
+
+def test_calibration_warns_below_a_hundred_images_and_refuses_below_eight():
+    from ats_deploy.calibration.int8 import _check_count
+
+    assert _check_count(100) == []
+    assert "only 99 calibration images" in _check_count(99)[0]
+    assert _check_count(8) != [] and "use 100 or more" in _check_count(8)[0]
+    with pytest.raises(InputError, match="only 7 calibration image"):
+        _check_count(7)

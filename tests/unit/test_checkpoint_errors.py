@@ -170,3 +170,30 @@ def test_pickle_needing_missing_code(tmp_path):
         _GoneNet.__module__ = __name__
     _refused(tmp_path / "net.pkl", "needs code that is not importable here", trust_pickle=True)
     _refused(tmp_path / "net.pkl", "pass --trust-pickle if you trust its source")
+
+
+def test_a_pickle_that_breaks_the_unpickler_otherwise_is_still_one_line(tmp_path):
+    """Trusted garbage whose unpickling raises something else than UnpicklingError (here REDUCE on two ints:
+    TypeError) is reported as corrupt, naming the exception type."""
+    (tmp_path / "odd.pt").write_bytes(b"\x80\x02K\x01K\x02R.")
+    _refused(tmp_path / "odd.pt", "is truncated or corrupt (TypeError); re-download or re-save it", trust_pickle=True)
+
+
+def test_safetensors_checkpoints_load_without_torch(tmp_path, sd):
+    """The on-device commands run where torch is absent: a .safetensors checkpoint is read and validated
+    with NumPy alone (a child process in which importing torch fails)."""
+    import subprocess
+    import sys
+
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.numpy() for k, v in sd.items()}, str(path))
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from ats_deploy.model.checkpoints import load_checkpoint\n"
+        f"ck = load_checkpoint({str(path)!r}, heads=2)\n"
+        "print(ck.config.depth, ck.state_dict['head.weight'].dtype, 'torch' in sys.modules and sys.modules['torch'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(len({k.split(".")[1] for k in sd if k.startswith("blocks.")})), "float32", "None"]
