@@ -19,7 +19,7 @@ import onnx
 
 from .. import __version__
 from ..model.config import MASK_VALUE, ATSConfig, ViTConfig
-from ..model.reference import output_slots
+from ..model.reference import block_output_slots
 from .graph import FLOAT, INT32, INT64, Dim, GraphBuilder
 from .sampler import _reduce, emit_sampler
 
@@ -175,8 +175,7 @@ class _VitEmitter:
         return isinstance(n, int) and self.next_slots(k_max, n) == n
 
     def next_slots(self, k_max: int, n: int) -> int:
-        extra = self.cfg.num_prefix_tokens - 1  # a distillation token rides along outside the sampler
-        return output_slots(k_max, n - extra) + extra
+        return block_output_slots(k_max, n, self.cfg.num_prefix_tokens)
 
     def sample(self, scores: str, count: str, n: Dim, k_max: int, valid: str | None) -> tuple[str, str]:
         """Indices [B, K_out] and counts [B], both int64; ``valid`` None means every slot is real."""

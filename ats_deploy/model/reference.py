@@ -52,6 +52,13 @@ def output_slots(k_max: int, n: int) -> int:
     return min(int(k_max), int(n))
 
 
+def block_output_slots(k_max: int, n: int, num_prefix: int = 1) -> int:
+    """Slots leaving an ATS block whose input has ``n`` slots: the sampler's K_out over the slots it sees,
+    plus a distillation token (``num_prefix`` 2), which rides along outside the sampler."""
+    extra = num_prefix - 1
+    return output_slots(k_max, n - extra) + extra
+
+
 @dataclass(frozen=True)
 class SelectionDetail:
     """Everything the rule computed for one image; used by tests and by the near-boundary check."""

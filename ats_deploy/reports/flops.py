@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..model.config import ATSConfig, ViTConfig
-from ..model.reference import output_slots
+from ..model.reference import block_output_slots
 
 __all__ = [
     "BlockFlops",
@@ -109,10 +109,9 @@ def _embed_head(cfg: ViTConfig) -> tuple[float, float]:
 def slots_per_block(cfg: ViTConfig, ats: ATSConfig) -> list[tuple[int, int]]:
     """(input slots, output slots) of every block in static mode (K_out = min(K, n) per ATS stage)."""
     n, out = cfg.num_tokens, []
-    extra = cfg.num_prefix_tokens - 1  # a distillation token rides along outside the sampler
     for i in range(cfg.depth):
         k = ats.k_for(i)
-        n_out = n if k is None else output_slots(k, n - extra) + extra
+        n_out = n if k is None else block_output_slots(k, n, cfg.num_prefix_tokens)
         out.append((n, n_out))
         n = n_out
     return out
@@ -127,14 +126,13 @@ def model_flops(cfg: ViTConfig, ats: ATSConfig, *, counts: Mapping[int, float] |
     """
     patch, head = _embed_head(cfg)
     n: float = float(cfg.num_tokens)
-    extra = cfg.num_prefix_tokens - 1
     blocks = []
     for i in range(cfg.depth):
         k = ats.k_for(i)
         if k is None:
             blocks.append(block_flops(cfg, n, block=i))
             continue
-        n_out = float(counts[i]) if counts is not None else float(output_slots(k, int(n) - extra) + extra)
+        n_out = float(counts[i]) if counts is not None else float(block_output_slots(k, int(n), cfg.num_prefix_tokens))
         blocks.append(block_flops(cfg, n, n_out, block=i))
         n = n_out
     return ModelFlops(patch, tuple(blocks), head)

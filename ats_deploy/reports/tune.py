@@ -39,7 +39,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..model.checkpoints import LoadedCheckpoint
 from ..model.config import ATSConfig, ViTConfig, resolve_ats
-from ..model.reference import output_slots
+from ..model.reference import block_output_slots
 from ..runtime.base import Runner, check_pixels
 from ..runtime.ort_runner import OrtRunner
 from .flops import block_flops
@@ -145,14 +145,13 @@ def predict_ms(
     """
     n_ref_tok = cfg.num_tokens
     base = per_block(n_ref_tok)
-    extra = cfg.num_prefix_tokens - 1
     n, total = n_ref_tok, dense_ms
     for i in range(cfg.depth):
         k = ats.k_for(i)
         if k is None:
             total += per_block(n) - base
             continue
-        n_out = output_slots(k, n - extra) + extra
+        n_out = block_output_slots(k, n, cfg.num_prefix_tokens)
         f = block_flops(cfg, n)
         share = f.qkv / f.total  # the part of an ATS block that still runs over all its input slots
         total += share * (per_block(n) - base) + (1 - share) * (per_block(n_out) - base) + overhead_ms
@@ -180,11 +179,11 @@ def stack_onnx(cfg: ViTConfig, sd: dict, *, tokens: int, depth: int, k: int | No
     x, b = em.embed(pixels)
     x = g.op("Slice", x, g.const([0]), g.const([tokens]), g.const([1]))
     count = g.op("Expand", g.const([tokens]), b)
-    n, mask, extra = tokens, None, cfg.num_prefix_tokens - 1
+    n, mask = tokens, None
     for i in ids:
         x, idx, cnt = em.block(i, x, count, n, mask)
         if idx is not None:
-            count, n = cnt, output_slots(k or n, n - extra) + extra
+            count, n = cnt, block_output_slots(k or n, n, cfg.num_prefix_tokens)
             mask = em.key_mask(count, n)
     g.scope = "head/"
     cls = g.op("Gather", em.layer_norm(x, "norm"), g.const(0), axis=1)
@@ -428,7 +427,7 @@ def tune_k(
         n, tot = big_n, 0
         for i in range(cfg.depth):
             if i in s:
-                n = output_slots(s[i], n - extra) + extra
+                n = block_output_slots(s[i], n, cfg.num_prefix_tokens)
             tot += n
         return tot
 
@@ -528,7 +527,7 @@ def _effective(cfg: ViTConfig, blocks: Sequence[int], sched: dict[int, int]) -> 
         if i in sched:
             k = min(sched[i], n - extra)
             out[i] = max(k, 2)
-            n = output_slots(k, n - extra) + extra
+            n = block_output_slots(k, n, cfg.num_prefix_tokens)
     return tuple(out[b] for b in blocks)
 
 
