@@ -35,7 +35,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -640,4 +640,4 @@ def calibrate_export(
         "activations": "int8 symmetric per tensor",
     }
     files = record_artifacts(out, models, precision="int8", details=details)
-    return res, files
+    return replace(res, output=out / "model.int8.onnx"), files

@@ -186,3 +186,15 @@ def test_calibration_warns_below_a_hundred_images_and_refuses_below_eight():
     assert _check_count(8) != [] and "use 100 or more" in _check_count(8)[0]
     with pytest.raises(InputError, match="only 7 calibration image"):
         _check_count(7)
+
+
+def test_max_is_the_default_calibration_method_everywhere():
+    """max ranges are the default (measured on the demo model: 99.0% int8 top-1 agreement vs 95.3% with
+    entropy); the settings, calibrate() and calibrate_export() all default to it."""
+    import inspect
+
+    from ats_deploy.calibration.int8 import calibrate, calibrate_export
+
+    assert CalibrationSettings().method == "max"
+    for fn in (calibrate, calibrate_export):
+        assert inspect.signature(fn).parameters["method"].default == "max", fn.__name__

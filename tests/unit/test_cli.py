@@ -313,6 +313,15 @@ def test_export_precisions_and_calibrate(tiny_pt, tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert (out / "model.int8.onnx").is_file()
+    cal = json.loads(res.stdout)
+    assert cal["output"] == str(out / "model.int8.onnx") and cal["cache_path"] == str(out / "calibration.json")
+    assert cal["settings"]["method"] == "max" and cal["images"] == 8 and not cal["cache_hit"]
+    cached = json.loads((out / "calibration.json").read_text())
+    assert set(cal["amax"]) == set(cached["amax"])
+    # Calibrating again on the same data and settings reads the cache instead.
+    again = runner.invoke(app, ["calibrate", str(out), "--data", str(tmp_path / "calib.npy"), "--json"])
+    again = json.loads(again.stdout)
+    assert again["cache_hit"] and again["amax"] == cal["amax"]
     res = runner.invoke(app, ["parity", str(out), "--precision", "fp16", "--count", "4", "--json"])
     data = json.loads(res.stdout[: res.stdout.rindex("}") + 1])
     assert data["base"]["images"] == 4 and "logits_cosine_mean" in data
