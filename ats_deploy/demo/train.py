@@ -64,12 +64,13 @@ class Phase:
     ats: bool = False
     # Attention guidance (ATS phases only, weight; 0: off): on every ATS step, each ATS block's
     # significance scores (the ones its sampler reads, r_j = sum_h A_h[CLS, j] * ||V_j||), normalised over
-    # the block's valid patches, are pulled towards a uniform distribution over the object's patches
-    # (the token-labelling mask: patches covered >= token_threshold by the rendered object) by a
-    # cross-entropy term, averaged over the ATS blocks. The sampler then spends its grid on the object:
-    # every object patch carries about 1/(object patches) of the mass, far above the grid step 1/(K-2),
-    # so ATS keeps the object and drops the background, which is what the demo exists to show. The
-    # selection itself is not differentiable and is not changed; only the weights learn.
+    # the block's valid patches, are pulled towards a target that puts 1 - TrainConfig.guide_background
+    # evenly on the object's patches (the token-labelling mask: patches covered >= token_threshold by the
+    # rendered object) and the rest evenly on the other valid patches, by a cross-entropy term averaged
+    # over the ATS blocks. The sampler then spends most of its grid on the object: every object patch
+    # carries several grid steps of mass, so ATS keeps the object and thins the background, which is what
+    # the demo exists to show. The selection itself is not differentiable and is not changed; only the
+    # weights learn.
     guide: float = 0.0
 
 
@@ -358,6 +359,9 @@ def _resumable(saved: dict | None, global_step: int, cfg: TrainConfig) -> bool:
     if saved is None:
         return False
     new = cfg.recipe()
+    # Recipes saved before guide_background existed ran no guided phase: the share did not matter.
+    if "guide_background" not in saved and not any(p.get("guide") for p in saved.get("phases", [])):
+        saved = {**saved, "guide_background": new["guide_background"]}
     if saved == new:
         return True
     # Recipes saved before Phase.ats / Phase.guide existed lack those keys: those phases ran dense, unguided.

@@ -514,3 +514,16 @@ def test_a_cpu_that_emulates_bf16_is_named_in_the_log(tmp_path):
     _tiny_train(tmp_path, "fp", amp="none")
     recs = [json.loads(line) for line in (tmp_path / "fp" / "train.log").read_text().splitlines()]
     assert not [r for r in recs if r["event"] == "warning"]
+
+
+def test_runs_saved_before_guidance_existed_still_resume():
+    """A recipe saved by an older trainer (no guide_background, phases without guide) continues as the
+    same recipe; one that differs otherwise does not."""
+    from ats_deploy.demo.train import Phase, TrainConfig, _resumable
+
+    cfg = TrainConfig(phases=(Phase(img_size=32, steps=3, lr=1e-3, warmup=1),), arch=TINY_ARCH)
+    old = cfg.recipe()
+    old.pop("guide_background")
+    old["phases"] = [{k: v for k, v in p.items() if k not in ("ats", "guide")} for p in old["phases"]]
+    assert _resumable(old, 3, cfg)
+    assert not _resumable({**old, "batch_size": 7}, 3, cfg)
