@@ -448,8 +448,8 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
             log(
                 event="warning",
                 bf16_slowdown=slow,
-                message=f"bf16 autocast runs {slow:.0f}x slower than float32 on this CPU (no native bf16 "
-                "matrix units: AVX512-BF16 or AMX); train with --amp none here (other weights than a bf16 run)",
+                message=f"bf16 matrix products run {slow:.0f}x slower than float32 on this CPU (no native bf16 "
+                "units: AVX512-BF16 or AMX); train with --amp none here (other weights than a bf16 run)",
             )
 
     # The token-labelling head lives across phases (it sees one token at a time: resolution-free).
