@@ -318,6 +318,17 @@ def test_demo_train_options_map_to_train_config(monkeypatch, tmp_path):
     assert res.exit_code == 0, res.output
     assert [(p.steps, p.lr) for p in seen["cfg"].phases] == [(7, 1e-3)] and seen["cfg"].batch_size == 32
     assert runner.invoke(app, ["demo", "train", "--phase", "112:x"]).exit_code == 1
+    # A guided ATS phase, --init demo (the shipped weights' path) and the guidance's background share.
+    from ats_deploy.demo.weights import DEMO_WEIGHTS
+
+    args = ["demo", "train", "--phase", "224:9:1e-4:2:ats:guide=0.5", "--init", "demo", "--guide-background", "0.3"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    cfg = seen["cfg"]
+    assert (cfg.phases[0].ats, cfg.phases[0].guide, cfg.guide_background) == (True, 0.5, 0.3)
+    assert cfg.init == str(DEMO_WEIGHTS)
+    res = runner.invoke(app, ["demo", "train", "--phase", "224:9:1e-4:2", "--init", str(tmp_path / "w.safetensors")])
+    assert res.exit_code == 0 and seen["cfg"].init == str(tmp_path / "w.safetensors")
 
 
 def test_demo_eval_without_weights_says_how_to_get_them(monkeypatch, tmp_path):
