@@ -134,11 +134,10 @@ def base_training_section(init: str | Path, sha256: str | None = None) -> str | 
     card = init.parent / "MODEL_CARD.md"
     if not (init.is_file() and card.is_file()):
         return None
-    text = card.read_text()
+    lines = card.read_text().splitlines()
     now = sha256_of(init)
-    if f"- sha256: `{now}`" not in text.splitlines() or (sha256 is not None and sha256 != now):
+    if f"- sha256: `{now}`" not in lines or (sha256 is not None and sha256 != now):
         return None
-    lines = text.splitlines()
     heads = [i for i, line in enumerate(lines) if line.startswith("## ")]
     start = next((i for i in heads if lines[i].startswith("## Training")), None)
     if start is None:

@@ -351,14 +351,14 @@ class _Log:
         self.file.close()
 
 
-def _resumable(saved: dict | None, global_step: int, cfg: TrainConfig) -> bool:
+def _resumable(saved: dict | None, global_step: int, cfg: TrainConfig, recipe: dict | None = None) -> bool:
     """Whether a run saved with recipe ``saved`` at ``global_step`` can continue as ``cfg``: the same recipe,
     or the same recipe with more phases appended after the ones already finished. Training is
     deterministic and every phase starts from the previous phase's weights, so either way the result is
-    the one a fresh run of ``cfg`` gives."""
+    the one a fresh run of ``cfg`` gives. ``recipe``: ``cfg.recipe()`` when the caller already has it."""
     if saved is None:
         return False
-    new = cfg.recipe()
+    new = recipe if recipe is not None else cfg.recipe()
     # Recipes saved before guide_background existed ran no guided phase: the share did not matter.
     if "guide_background" not in saved and not any(p.get("guide") for p in saved.get("phases", [])):
         saved = {**saved, "guide_background": new["guide_background"]}
@@ -425,12 +425,14 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
     # Global step g runs over all phases; resume restores weights, optimiser and g.
     state_path = out / "state.pt"
     state = torch.load(state_path, map_location="cpu", weights_only=False) if resume and state_path.exists() else None
-    if state is not None and not _resumable(state.get("recipe"), state.get("global_step", 0), cfg):
+    # The recipe once, at the start: with --init it holds the starting weights' sha256 as they were when
+    # the run began (the file may be replaced later, e.g. when the result is shipped over the demo
+    # weights it started from), and every checkpoint must record that, not a later hash.
+    recipe = cfg.recipe()
+    if state is not None and not _resumable(state.get("recipe"), state.get("global_step", 0), cfg, recipe):
         state = None  # a different recipe: start over rather than mixing runs
     g0 = state["global_step"] if state else 0
-    # The starting weights' sha256 as they were when the run began (the file may be replaced later, e.g.
-    # when the run's result is shipped over the demo weights it started from).
-    init_sha = {"init_sha256": cfg.recipe()["init_sha256"]} if cfg.init else {}
+    init_sha = {"init_sha256": recipe["init_sha256"]} if cfg.init else {}
     if state:
         log(event="resume", global_step=g0, config=json.dumps(cfg.to_dict()), argv=" ".join(sys.argv), **init_sha)
     else:
@@ -602,7 +604,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
                             "aux": aux.state_dict(),
                             "ema": None if ema is None else ema.state,
                             "torch_rng": torch.get_rng_state(),
-                            "recipe": cfg.recipe(),
+                            "recipe": recipe,
                         },
                         out / "state.pt.tmp",
                     )
