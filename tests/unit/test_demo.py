@@ -495,25 +495,25 @@ def test_a_card_of_fine_tuned_weights_keeps_the_history_of_its_starting_weights(
     assert f"weights with sha256 `{sha_a}` (no card of them was found)" in again
 
 
-def test_a_cpu_that_emulates_bf16_is_named_in_the_log(tmp_path):
-    """bf16 autocast on a CPU without bf16 matrix units runs hundreds of times slower than float32: the run
-    says so (log and console) with the way out; where bf16 is native nothing is said."""
+def test_a_cpu_where_bf16_is_slower_is_named_in_the_log(tmp_path):
+    """bf16 autocast is slower than float32 on some CPUs (emulated: hundreds of times; some with native
+    bf16 too): the run logs the ratio it measured, and warns with the way out exactly when bf16 loses."""
     import json
 
     from ats_deploy.demo.train import BF16_SLOW, bf16_slowdown
 
-    slow = bf16_slowdown()
-    assert slow > 0
+    assert bf16_slowdown() > 0
     _tiny_train(tmp_path, "bf", amp="bf16")
     recs = [json.loads(line) for line in (tmp_path / "bf" / "train.log").read_text().splitlines()]
+    (measured,) = [r["bf16_slowdown"] for r in recs if r["event"] == "amp"]
     warned = [r for r in recs if r["event"] == "warning"]
-    if slow > 10 * BF16_SLOW or slow < BF16_SLOW / 2:  # clear cases only: the two measurements are separate
-        assert bool(warned) == (slow > BF16_SLOW)
+    assert len(warned) == (1 if measured > BF16_SLOW else 0)
     for r in warned:
-        assert "--amp none" in r["message"] and r["bf16_slowdown"] > BF16_SLOW
+        assert "--amp none" in r["message"] and r["bf16_slowdown"] == measured
+        assert f"{measured:.1f}x slower" in r["message"]
     _tiny_train(tmp_path, "fp", amp="none")
     recs = [json.loads(line) for line in (tmp_path / "fp" / "train.log").read_text().splitlines()]
-    assert not [r for r in recs if r["event"] == "warning"]
+    assert not [r for r in recs if r["event"] in ("warning", "amp")]
 
 
 def test_runs_saved_before_guidance_existed_still_resume():
