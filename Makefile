@@ -9,7 +9,7 @@ PYTEST_ARGS ?= -m "not slow"
 # [tool.coverage.report] fail_under in pyproject.toml (it only rises).
 COV_ARGS ?= --cov --cov-report=term
 
-.PHONY: install demo test test-all lint mutation clean
+.PHONY: install demo test test-all lint mutation mutation-sample clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,10 @@ test-all: install
 # hours on 2 cores, so not part of `make test`. Prints the score and lists the surviving mutants.
 mutation: install
 	$(BIN)/mutmut run --max-children $(or $(JOBS),2); $(BIN)/python tools/mutation_summary.py
+
+# A seeded random sample of the same mutants (N, default 300: about 20 minutes on 2 cores), score +- interval.
+mutation-sample: install
+	$(BIN)/python tools/mutation_sample.py --n $(or $(N),300) --jobs $(or $(JOBS),2)
 
 lint: install
 	$(BIN)/ruff check ats_deploy tests benchmarks

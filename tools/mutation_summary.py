@@ -17,6 +17,30 @@ KILLED = {"killed", "timeout"}
 PENDING = {"not checked"}  # an interrupted run: left out of the score, counted apart
 
 
+def _module(name: str) -> str:
+    found = re.match(r"^(.*?)\.x(?:ǁ|_)", name)  # mutmut names: module.x_function__mutmut_N, module.xǁClassǁ...
+    return found.group(1) if found else name.split("__mutmut")[0]
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k/n (95% for z = 1.96)."""
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def weighted_score(by_module: dict[str, collections.Counter], population: collections.Counter) -> float:
+    """Sum over the modules with results of (their mutants / all those modules' mutants) x their score."""
+    parts = []
+    for module, c in by_module.items():
+        app = sum(c.values()) - c["skipped"]
+        if app:
+            parts.append((population[module], sum(c[s] for s in KILLED) / app))
+    weight = sum(w for w, _ in parts)
+    return sum(w * sc for w, sc in parts) / weight if weight else 1.0
+
+
 def main() -> int:
     exe = Path(sys.executable).with_name("mutmut")
     out = subprocess.run([str(exe), "results", "--all", "true"], capture_output=True, text=True, check=False).stdout
@@ -27,11 +51,13 @@ def main() -> int:
     by_module: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     survivors = []
     pending = sum(status in PENDING for _, status in rows)
+    population = collections.Counter(_module(n) for n, _ in rows)  # every generated mutant, by module
     rows = [(n, st) for n, st in rows if st not in PENDING]
+    if not rows:
+        print(f"no mutant has a result yet ({pending} not checked): the run stopped before testing any")
+        return 1
     for name, status in rows:
-        found = re.match(r"^(.*?)\.x(?:ǁ|_)", name)  # mutmut names: module.x_function__mutmut_N, module.xǁClassǁ...
-        module = found.group(1) if found else name.split("__mutmut")[0]
-        by_module[module][status] += 1
+        by_module[_module(name)][status] += 1
         if status not in KILLED and status != "skipped":
             survivors.append((name, status))
     total = collections.Counter()
@@ -44,6 +70,14 @@ def main() -> int:
     app = sum(total.values()) - total["skipped"]
     killed = sum(total[s] for s in KILLED)
     print(f"{'all':<44} {killed:>7} {app:>10} {killed / app if app else 1:>7.1%}")
+    if app:
+        lo, hi = wilson(killed, app)
+        print(f"95% interval of the score (Wilson; the spread of a random sample of mutants): [{lo:.1%}, {hi:.1%}]")
+    if pending:
+        # A sample (make mutation-sample): weight each module's score by its share of all mutants, so a
+        # small module sampled above its share does not tilt the estimate.
+        weighted = weighted_score(by_module, population)
+        print(f"estimated score over all {sum(population.values())} mutants (modules weighted by size): {weighted:.1%}")
     print(f"statuses: {dict(total)}" + (f"; {pending} not checked yet (run interrupted)" if pending else ""))
     print(f"\n{len(survivors)} not killed (see one with `mutmut show NAME`):")
     for name, status in survivors:
