@@ -100,3 +100,26 @@ def test_ranges_come_from_valid_rows_only(tiny_ckpt, max_k):
         other = "count_3" if rows_from[layer] == "count_2" else "count_2"
         discriminating += amax_over(act, other) != expect
     assert discriminating, "no site where the other count's rows give another range: the check could not fail"
+
+
+def test_histogram_methods_also_read_valid_rows_only(tiny_ckpt):
+    """Padding slots repeat a kept token, so they never move a max range; they do move a percentile. With
+    the 50th percentile of |x| (4096 bins) the range must sit at the median of the valid rows' |x|, not
+    at the median of every row's (both computed here with NumPy, to two bins)."""
+    model = _graph(tiny_ckpt, "30")
+    x = np.random.default_rng(1).standard_normal((8, 3, 64, 64)).astype(np.float32)
+    settings = CalibrationSettings(method="percentile", percentile=50.0, num_bins=4096)
+    got = collect_ranges(model, [x], settings, progress=False)
+    layer = "blocks.4.attn.qkv"  # 3-D input [B, 30 slots, C], rows governed by count_3
+    act = {s.layer: s for s in linear_sites(model)}[layer].activation
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(onnx.helper.make_tensor_value_info(act, onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    outs = [dict(zip(names, sess.run(None, {"pixels": x[i : i + 4]}))) for i in (0, 4)]
+    valid = np.abs(np.concatenate([o[act][i, : int(o["count_3"][i])] for o in outs for i in range(4)]))
+    every = np.abs(np.concatenate([o[act].reshape(-1, o[act].shape[-1]) for o in outs]))
+    bin_w = float(max(valid.max(), every.max())) / 4096
+    assert got[layer] == pytest.approx(np.percentile(valid, 50), abs=2 * bin_w)
+    assert abs(np.percentile(every, 50) - np.percentile(valid, 50)) > 4 * bin_w  # the check could fail

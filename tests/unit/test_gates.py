@@ -178,3 +178,36 @@ def test_installed_script_runs(tmp_path):
     assert (
         res.returncode == 1 and res.stderr.strip().startswith("error: ") and len(res.stderr.strip().splitlines()) == 1
     )
+
+
+def test_every_image_excused_reports_no_judged_logits_error():
+    """4 images, all near-boundary and all differing: nothing is judged, so the gated logits error is 0.0
+    (no judged image), not some placeholder, and the only failure is the judged-count rule."""
+    near = np.ones(4, bool)
+    ref = _outputs(4, near=near)
+    got = _copy(ref)
+    got["tokens_2"][:, 1] = 3
+    got["logits"] += 5.0
+    res = compare_outputs(ref, got, blocks=BLOCKS)
+    assert res.excused_images == 4 and res.gated_logits_max_abs == 0.0
+    assert res.logits_max_abs == pytest.approx(5.0)
+    assert len(res.failures) == 1 and res.failures[0].startswith("only 0 of 4 images"), res.failures
+
+
+def test_run_chunks_batch_zero_or_none_means_all_at_once():
+    from ats_deploy.reports.parity import run_chunks
+
+    class Recorder:
+        def __init__(self):
+            self.sizes = []
+
+        def infer(self, feed):
+            self.sizes.append(len(feed["pixels"]))
+            return {"logits": feed["pixels"].reshape(len(feed["pixels"]), -1)[:, :2].copy()}
+
+    x = np.arange(5 * 3 * 2 * 2, dtype=np.float32).reshape(5, 3, 2, 2)
+    for batch, sizes in ((None, [5]), (0, [5]), (-1, [5]), (2, [2, 2, 2])):
+        r = Recorder()
+        out = run_chunks(r, x, batch)
+        assert r.sizes == sizes, batch
+        np.testing.assert_array_equal(out["logits"], x.reshape(5, -1)[:, :2])  # padding trimmed back
