@@ -9,8 +9,8 @@ every module's survivors show up.
 Steps: generate the mutants if `mutants/` has none (mutmut generates them, and collects which tests
 reach each function, as the first part of any run: that run is given a name matching no mutant, so it
 stops there), draw the sample, `mutmut run` exactly those names, then `tools/mutation_summary.py`.
-Results of earlier runs on unchanged functions stay in `mutants/` and count too (mutmut drops the
-results of functions whose code changed).
+The score printed is this sample's alone (its names are saved in `mutants/sample-seed<S>-n<N>.txt`;
+`tools/mutation_summary.py --only FILE` prints it again); earlier runs' results stay in `mutants/`.
 """
 
 from __future__ import annotations
@@ -75,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(sample))
         return 0
     rc = subprocess.run([exe, "run", "--max-children", str(a.jobs), *sample]).returncode
+    names = Path("mutants") / f"sample-seed{a.seed}-n{a.n}.txt"
+    names.write_text("\n".join(sample) + "\n")
     summary = Path(__file__).with_name("mutation_summary.py")
-    subprocess.run([sys.executable, str(summary)], check=False)
+    print(f"\nscore of this sample ({names}):")
+    subprocess.run([sys.executable, str(summary), "--only", str(names)], check=False)
     return rc
 
 

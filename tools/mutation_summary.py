@@ -41,13 +41,24 @@ def weighted_score(by_module: dict[str, collections.Counter], population: collec
     return sum(w * sc for w, sc in parts) / weight if weight else 1.0
 
 
-def main() -> int:
+def restrict(rows: list[tuple[str, str]], only: set[str]) -> list[tuple[str, str]]:
+    """Results outside ``only`` count as not checked (the population stays every mutant)."""
+    return [(n, st if n in only else "not checked") for n, st in rows]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``--only FILE``: score just the mutants named in FILE (one per line: a sample), not every result
+    mutmut holds (earlier runs' results of unchanged functions stay in mutants/)."""
+    argv = sys.argv[1:] if argv is None else argv
+    only = set(Path(argv[1]).read_text().split()) if len(argv) == 2 and argv[0] == "--only" else None
     exe = Path(sys.executable).with_name("mutmut")
     out = subprocess.run([str(exe), "results", "--all", "true"], capture_output=True, text=True, check=False).stdout
     rows = re.findall(r"^\s+(\S+): (.+)$", out, flags=re.M)
     if not rows:
         print("no mutation results: run `make mutation` (mutmut run) first")
         return 1
+    if only is not None:
+        rows = restrict(rows, only)
     by_module: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     survivors = []
     pending = sum(status in PENDING for _, status in rows)

@@ -61,3 +61,13 @@ def test_sampled_score_weights_modules_by_their_mutant_counts():
     assert summary.weighted_score(by_module, population) == pytest.approx(95 / 110)
     assert summary._module("ats_deploy.model.ats.x_select_tokens__mutmut_7") == "ats_deploy.model.ats"
     assert summary._module("ats_deploy.reports.parity.xǁGateǁcheck__mutmut_2") == "ats_deploy.reports.parity"
+
+
+def test_a_sample_is_scored_on_its_own_names():
+    summary = _load("mutation_summary")
+    rows = [("m.x_f__mutmut_1", "killed"), ("m.x_f__mutmut_2", "survived"), ("m.x_g__mutmut_1", "killed")]
+    assert summary.restrict(rows, {"m.x_f__mutmut_1", "m.x_f__mutmut_2"}) == [
+        ("m.x_f__mutmut_1", "killed"),
+        ("m.x_f__mutmut_2", "survived"),
+        ("m.x_g__mutmut_1", "not checked"),
+    ]
