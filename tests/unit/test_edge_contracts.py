@@ -250,6 +250,17 @@ def test_calibrate_export_records_what_it_did(tmp_path, tiny_ckpt, data):
     assert details["cache"] == "calibration.json" and (tmp_path / "calibration.json").exists()
     assert details["weights"] == "int8 symmetric per output channel"
     assert details["activations"] == "int8 symmetric per tensor"
+    from ats_deploy.model.checkpoints import load_checkpoint
+
+    with pytest.raises(InputError) as err:  # an export directory given where a checkpoint goes
+        load_checkpoint(tmp_path)
+    assert str(err.value).startswith(
+        f"{tmp_path} is an export directory (written by ats-deploy export), not a checkpoint; "
+    )
+    (tmp_path / "model.onnx").unlink()
+    with pytest.raises(InputError) as err:
+        calibrate_export(tmp_path, data, progress=False)
+    assert str(err.value) == f"{tmp_path} has no model.onnx; run ats-deploy export -o {tmp_path} first"
 
 
 def test_calibrate_skips_unreadable_images_when_asked(tmp_path, portable, tiny_cfg):
@@ -298,6 +309,16 @@ def test_verify_reads_records_without_precision_or_manifest(tmp_path, tiny_ckpt)
         parity_count=8,
         source={"kind": "embedded", "seed": 7, "qk_gain": 1.5},
     )
+    from ats_deploy.reports.parity import run_parity
+
+    par, info = run_parity(out)  # the default: 16 inputs, PyTorch against ONNX Runtime
+    assert par.images == 16 and par.passed
+    assert info == {
+        "inputs": info["inputs"],
+        "backend": "onnxruntime",
+        "reference": "torch",
+        "onnx": str(out / "model.onnx"),
+    }
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"not a real engine")
     rec = fake_record(out, engine={"sha256": sha256_file(plan)})
@@ -307,7 +328,132 @@ def test_verify_reads_records_without_precision_or_manifest(tmp_path, tiny_ckpt)
     res = verify(plan, out / "reference.npz", runner=engine)
     assert res.precision == "fp32" and res.parity.passed
     assert res.parity.kept_pairs == 8 * len(ats.blocks)  # the manifest's ATS blocks are compared
+    assert res.to_dict()["reference"] == str(out / "reference.npz") and res.to_dict()["precision"] == "fp32"
+
+    # The very reference file the engine was built with (by sha256) is accepted wherever it lies, even
+    # beside another export's manifest; a changed copy there is refused.
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    (elsewhere / "manifest.json").write_text(json.dumps({"artifacts": {"model.onnx": {"sha256": "0" * 64}}}))
+    (elsewhere / "reference.npz").write_bytes((out / "reference.npz").read_bytes())
+    assert verify(plan, elsewhere / "reference.npz", runner=engine).parity.passed
+    with np.load(out / "reference.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["logits"] = arrays["logits"] + 0.0  # same values, new file bytes: no longer the recorded file
+    np.savez(elsewhere / "reference.npz", **{k: v for k, v in arrays.items() if k != "pixels"}, pixels=arrays["pixels"])
+    with pytest.raises(InputError, match="belongs to another export"):
+        verify(plan, elsewhere / "reference.npz", runner=engine)
+
     rec.pop("manifest")
+    rec["network"] = {}  # older records: no output list to check the reference against
     (tmp_path / "model.plan.json").write_text(json.dumps(rec))
     bare = verify(plan, out / "reference.npz", runner=engine)
     assert bare.parity.passed and bare.parity.kept_pairs == 0  # no manifest: logits only
+
+
+# -- parity: defaults and the report's wording --------------------------------------------------------
+
+
+def _two_block_outputs(n: int) -> dict[str, np.ndarray]:
+    logits = np.zeros((n, 4), np.float32)
+    logits[np.arange(n), np.arange(n) % 4] = 1.0
+    out = {"logits": logits}
+    for b in (2, 3):
+        out[f"tokens_{b}"] = np.tile(np.array([[0, 1, 2, 0]], np.int64), (n, 1))
+        out[f"count_{b}"] = np.full(n, 3, np.int32)
+    return out
+
+
+def test_k_prime_counts_one_prefix_token_by_default():
+    """count 3 = CLS + 2 kept patches: K' is 2 with the default single prefix token (a distilled model
+    passes prefix_tokens=2 and gets 1)."""
+    from ats_deploy.reports.parity import compare_outputs
+
+    ref = _two_block_outputs(4)
+    res = compare_outputs(ref, ref, blocks=(2, 3))
+    assert [(s.block, s.kept_mean, s.kept_min, s.kept_max) for s in res.blocks] == [(2, 2.0, 2, 2), (3, 2.0, 2, 2)]
+    assert compare_outputs(ref, ref, blocks=(2, 3), prefix_tokens=2).blocks[0].kept_max == 1
+
+
+def test_logits_tolerance_is_inclusive():
+    """Every logit off by 0.5 (exact in float32) against logits_atol 0.5: at the bound, a pass."""
+    from ats_deploy.reports.parity import Tolerances, compare_outputs
+
+    ref = _two_block_outputs(4)
+    got = {k: v.copy() for k, v in ref.items()}
+    got["logits"] = got["logits"] + np.float32(0.5)
+    assert compare_outputs(ref, got, blocks=(2, 3), tolerances=Tolerances(logits_atol=0.5)).passed
+    assert not compare_outputs(ref, got, blocks=(2, 3), tolerances=Tolerances(logits_atol=0.4999)).passed
+
+
+def test_unknown_precision_gets_the_fp32_gates_and_the_report_reads_as_lines():
+    from ats_deploy.reports.parity import TOLERANCES, compare_outputs, format_parity, tolerances_for
+
+    assert tolerances_for("bf16") == TOLERANCES["default"] == tolerances_for(None)
+    assert tolerances_for("int8") == TOLERANCES["int8"]
+    res = compare_outputs(_two_block_outputs(4), _two_block_outputs(4), blocks=(2, 3))
+    text = format_parity(res)
+    assert text.splitlines()[0] == "parity: 4 images, PASS" and "XX" not in text
+    assert format_parity(res, title="fp16").startswith("fp16: 4 images, PASS")
+
+
+def test_near_boundary_needs_two_patches():
+    """One valid patch (or none): one way to pick, nothing to disagree about."""
+    assert near_boundary(np.array([0.0, 1.0, 1.0]), 2, k_max=3, n_ref=3) is False
+    assert near_boundary(np.array([0.0, 1.0, 1.0]), 1, k_max=3, n_ref=3) is False
+    assert near_boundary(np.array([0.0, 1.0, 1.0]), 3, k_max=3, n_ref=3) is True  # equal scores: a tie
+
+
+def test_compiled_model_prefix_is_stripped(tmp_path, tiny_ckpt):
+    """torch.compile saves keys as `_orig_mod.<name>`: they load as the plain names."""
+    import torch
+
+    from ats_deploy.model.checkpoints import load_checkpoint
+
+    sd = {f"_orig_mod.{k}": torch.from_numpy(v.copy()) for k, v in tiny_ckpt.state_dict.items()}
+    torch.save(sd, tmp_path / "compiled.pt")
+    ck = load_checkpoint(tmp_path / "compiled.pt", heads=2)
+    assert set(ck.state_dict) == set(tiny_ckpt.state_dict)
+
+
+def test_quantized_graph_says_int8_in_its_metadata(portable, data):
+    amax = collect_ranges(portable, [data], CalibrationSettings(method="max"), progress=False)
+    props = {p.key: p.value for p in quantize_int8(portable, amax).metadata_props}
+    before = {p.key: p.value for p in portable.metadata_props}
+    assert props.get("ats_deploy.precision") == "int8"
+    assert {k: v for k, v in props.items() if k != "ats_deploy.precision"} == {
+        k: v for k, v in before.items() if k != "ats_deploy.precision"
+    }
+
+
+def test_int8_checker_reads_defaults_and_reports_instead_of_crashing(portable, data):
+    """Three hand edits of a valid INT8 graph: a weight DequantizeLinear without its axis attribute is still
+    per output channel (ONNX's default axis is 1: no violation); a Q/DQ without a zero-point input and a
+    QuantizeLinear whose output nobody reads are violations, reported as messages, not crashes."""
+    from ats_deploy.calibration.int8 import int8_violations
+
+    amax = collect_ranges(portable, [data], CalibrationSettings(method="max"), progress=False)
+    q = quantize_int8(portable, amax)
+    assert int8_violations(q) == []
+
+    def edited():
+        m = onnx.ModelProto()
+        m.CopyFrom(q)
+        return m
+
+    m = edited()
+    w_dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith(".int8"))
+    kept = [a for a in w_dq.attribute if a.name != "axis"]
+    del w_dq.attribute[:]
+    w_dq.attribute.extend(kept)
+    assert int8_violations(m) == []
+
+    m = edited()
+    w_dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith(".int8"))
+    del w_dq.input[2]
+    assert len(int8_violations(m)) >= 1
+
+    m = edited()
+    q_node = next(n for n in m.graph.node if n.op_type == "QuantizeLinear")
+    m.graph.node.append(onnx.helper.make_node("QuantizeLinear", list(q_node.input), ["dangling_q"], name="dangling"))
+    assert any("dangling" in v or "dangling_q" in v for v in int8_violations(m)), int8_violations(m)
