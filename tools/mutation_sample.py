@@ -57,14 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.n < 1:
         p.error("--n must be at least 1")
     exe = str(Path(sys.executable).with_name("mutmut"))
-    if not mutant_names():
+    by_file = mutant_names()
+    if not by_file:
         print("generating mutants and mapping tests to functions (the first part of a mutmut run) ...", flush=True)
         gen = subprocess.run([exe, "run", "--max-children", str(a.jobs), NO_MUTANT], capture_output=True, text=True)
-        if not mutant_names():
+        by_file = mutant_names()
+        if not by_file:
             tail = (gen.stdout + gen.stderr).strip().splitlines()[-15:]
             print("mutmut generated no mutants; its output ended with:\n" + "\n".join(tail), file=sys.stderr)
             return 1
-    by_file = mutant_names()
     sample = draw(by_file, a.n, a.seed, a.min_per_module)
     total = sum(len(v) for v in by_file.values())
     print(f"sample: {len(sample)} of {total} mutants (seed {a.seed}); per file:")

@@ -7,6 +7,7 @@ through its CLI (`mutmut results --all true`), so it follows whatever mutmut ver
 
 from __future__ import annotations
 
+import argparse
 import collections
 import re
 import subprocess
@@ -30,13 +31,18 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
+def killed_applicable(c: collections.Counter) -> tuple[int, int]:
+    """Killed (timeouts included) and applicable (all but skipped) counts of one tally of statuses."""
+    return sum(c[s] for s in KILLED), sum(c.values()) - c["skipped"]
+
+
 def weighted_score(by_module: dict[str, collections.Counter], population: collections.Counter) -> float:
     """Sum over the modules with results of (their mutants / all those modules' mutants) x their score."""
     parts = []
     for module, c in by_module.items():
-        app = sum(c.values()) - c["skipped"]
+        killed, app = killed_applicable(c)
         if app:
-            parts.append((population[module], sum(c[s] for s in KILLED) / app))
+            parts.append((population[module], killed / app))
     weight = sum(w for w, _ in parts)
     return sum(w * sc for w, sc in parts) / weight if weight else 1.0
 
@@ -49,8 +55,10 @@ def restrict(rows: list[tuple[str, str]], only: set[str]) -> list[tuple[str, str
 def main(argv: list[str] | None = None) -> int:
     """``--only FILE``: score just the mutants named in FILE (one per line: a sample), not every result
     mutmut holds (earlier runs' results of unchanged functions stay in mutants/)."""
-    argv = sys.argv[1:] if argv is None else argv
-    only = set(Path(argv[1]).read_text().split()) if len(argv) == 2 and argv[0] == "--only" else None
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", type=Path, metavar="FILE", help="score only the mutant names in FILE (a sample)")
+    a = p.parse_args(argv)
+    only = set(a.only.read_text().split()) if a.only else None
     exe = Path(sys.executable).with_name("mutmut")
     out = subprocess.run([str(exe), "results", "--all", "true"], capture_output=True, text=True, check=False).stdout
     rows = re.findall(r"^\s+(\S+): (.+)$", out, flags=re.M)
@@ -75,11 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'module':<44} {'killed':>7} {'applicable':>10} {'score':>7}")
     for module, c in sorted(by_module.items()):
         total.update(c)
-        app = sum(c.values()) - c["skipped"]
-        killed = sum(c[s] for s in KILLED)
+        killed, app = killed_applicable(c)
         print(f"{module:<44} {killed:>7} {app:>10} {killed / app if app else 1:>7.1%}")
-    app = sum(total.values()) - total["skipped"]
-    killed = sum(total[s] for s in KILLED)
+    killed, app = killed_applicable(total)
     print(f"{'all':<44} {killed:>7} {app:>10} {killed / app if app else 1:>7.1%}")
     if app:
         lo, hi = wilson(killed, app)
@@ -89,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         # small module sampled above its share does not tilt the estimate.
         weighted = weighted_score(by_module, population)
         print(f"estimated score over all {sum(population.values())} mutants (modules weighted by size): {weighted:.1%}")
-    print(f"statuses: {dict(total)}" + (f"; {pending} not checked yet (run interrupted)" if pending else ""))
+    print(
+        f"statuses: {dict(total)}"
+        + (f"; {pending} not checked (an interrupted run, or outside the sample)" if pending else "")
+    )
     print(f"\n{len(survivors)} not killed (see one with `mutmut show NAME`):")
     for name, status in survivors:
         print(f"  {status:<12} {name}")

@@ -351,52 +351,6 @@ def test_verify_reads_records_without_precision_or_manifest(tmp_path, tiny_ckpt)
     assert bare.parity.passed and bare.parity.kept_pairs == 0  # no manifest: logits only
 
 
-# -- parity: defaults and the report's wording --------------------------------------------------------
-
-
-def _two_block_outputs(n: int) -> dict[str, np.ndarray]:
-    logits = np.zeros((n, 4), np.float32)
-    logits[np.arange(n), np.arange(n) % 4] = 1.0
-    out = {"logits": logits}
-    for b in (2, 3):
-        out[f"tokens_{b}"] = np.tile(np.array([[0, 1, 2, 0]], np.int64), (n, 1))
-        out[f"count_{b}"] = np.full(n, 3, np.int32)
-    return out
-
-
-def test_k_prime_counts_one_prefix_token_by_default():
-    """count 3 = CLS + 2 kept patches: K' is 2 with the default single prefix token (a distilled model
-    passes prefix_tokens=2 and gets 1)."""
-    from ats_deploy.reports.parity import compare_outputs
-
-    ref = _two_block_outputs(4)
-    res = compare_outputs(ref, ref, blocks=(2, 3))
-    assert [(s.block, s.kept_mean, s.kept_min, s.kept_max) for s in res.blocks] == [(2, 2.0, 2, 2), (3, 2.0, 2, 2)]
-    assert compare_outputs(ref, ref, blocks=(2, 3), prefix_tokens=2).blocks[0].kept_max == 1
-
-
-def test_logits_tolerance_is_inclusive():
-    """Every logit off by 0.5 (exact in float32) against logits_atol 0.5: at the bound, a pass."""
-    from ats_deploy.reports.parity import Tolerances, compare_outputs
-
-    ref = _two_block_outputs(4)
-    got = {k: v.copy() for k, v in ref.items()}
-    got["logits"] = got["logits"] + np.float32(0.5)
-    assert compare_outputs(ref, got, blocks=(2, 3), tolerances=Tolerances(logits_atol=0.5)).passed
-    assert not compare_outputs(ref, got, blocks=(2, 3), tolerances=Tolerances(logits_atol=0.4999)).passed
-
-
-def test_unknown_precision_gets_the_fp32_gates_and_the_report_reads_as_lines():
-    from ats_deploy.reports.parity import TOLERANCES, compare_outputs, format_parity, tolerances_for
-
-    assert tolerances_for("bf16") == TOLERANCES["default"] == tolerances_for(None)
-    assert tolerances_for("int8") == TOLERANCES["int8"]
-    res = compare_outputs(_two_block_outputs(4), _two_block_outputs(4), blocks=(2, 3))
-    text = format_parity(res)
-    assert text.splitlines()[0] == "parity: 4 images, PASS" and "XX" not in text
-    assert format_parity(res, title="fp16").startswith("fp16: 4 images, PASS")
-
-
 def test_near_boundary_needs_two_patches():
     """One valid patch (or none): one way to pick, nothing to disagree about."""
     assert near_boundary(np.array([0.0, 1.0, 1.0]), 2, k_max=3, n_ref=3) is False

@@ -211,3 +211,32 @@ def test_run_chunks_batch_zero_or_none_means_all_at_once():
         out = run_chunks(r, x, batch)
         assert r.sizes == sizes, batch
         np.testing.assert_array_equal(out["logits"], x.reshape(5, -1)[:, :2])  # padding trimmed back
+
+
+def test_k_prime_counts_one_prefix_token_by_default():
+    """count 3 = CLS + 2 kept patches: K' is 2 with the default single prefix token (a distilled model
+    passes prefix_tokens=2 and gets 1)."""
+    ref = _outputs(4)
+    res = compare_outputs(ref, ref, blocks=BLOCKS)
+    assert [(s.block, s.kept_mean, s.kept_min, s.kept_max) for s in res.blocks] == [(2, 2.0, 2, 2), (3, 2.0, 2, 2)]
+    assert compare_outputs(ref, ref, blocks=BLOCKS, prefix_tokens=2).blocks[0].kept_max == 1
+
+
+def test_logits_tolerance_is_inclusive():
+    """Every logit off by 0.5 (exact in float32) against logits_atol 0.5: at the bound, a pass."""
+    ref = _outputs(4)
+    got = _copy(ref)
+    got["logits"] = got["logits"] + np.float32(0.5)
+    assert compare_outputs(ref, got, blocks=BLOCKS, tolerances=Tolerances(logits_atol=0.5)).passed
+    assert not compare_outputs(ref, got, blocks=BLOCKS, tolerances=Tolerances(logits_atol=0.4999)).passed
+
+
+def test_unknown_precision_gets_the_fp32_gates_and_the_report_reads_as_lines():
+    from ats_deploy.reports.parity import format_parity, tolerances_for
+
+    assert tolerances_for("bf16") == TOLERANCES["default"] == tolerances_for(None)
+    assert tolerances_for("int8") == TOLERANCES["int8"]
+    res = compare_outputs(_outputs(4), _outputs(4), blocks=BLOCKS)
+    text = format_parity(res)
+    assert text.splitlines()[0] == "parity: 4 images, PASS" and "XX" not in text
+    assert format_parity(res, title="fp16").startswith("fp16: 4 images, PASS")
