@@ -238,7 +238,7 @@ class _Collector:
                 num_bins=s.num_bins,
                 num_quantized_bins=s.num_quantized_bins,
                 percentile=s.percentile,
-                scenario="same",
+                scenario="same",  # required; read only by the float8 "distribution" method, not offered here
             )
 
     def add(self, values: dict[str, np.ndarray]) -> None:
@@ -445,7 +445,9 @@ def int8_violations(model: onnx.ModelProto) -> list[str]:
             w, sc = inits.get(w_dq.input[0]), inits.get(w_dq.input[1])
             if w is None or w.dtype != np.int8 or sc is None or axis != 1 or sc.shape != (w.shape[1],):
                 bad.append(f"{n.name}: weight must be int8 [in, out] with per-output-channel scales on axis 1")
-            a_sc = inits.get(srcs[0].input[1]) if srcs[0] is not None else None
+            a_dq = srcs[0]
+            assert a_dq is not None  # all(dq): both inputs come from a DequantizeLinear
+            a_sc = inits.get(a_dq.input[1])
             if a_sc is None or a_sc.size != 1:
                 bad.append(f"{n.name}: activation scale must be per tensor")
     return bad

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..errors import InputError
 from ..model.reference import NEAR_BOUNDARY
 
 __all__ = [
@@ -160,11 +161,15 @@ def compare_outputs(
     tol = tolerances or TOLERANCES["default"]
     a, b = ref["logits"].astype(np.float64), got["logits"].astype(np.float64)
     n = len(a)
+    if n == 0 or len(b) != n:
+        raise InputError(
+            f"cannot compare {n} reference images with {len(b)} outputs; pass the same, non-empty set of inputs to both"
+        )
     diff = np.abs(a - b)
-    max_abs = float(diff.max()) if diff.size else 0.0
-    max_rel = float((diff / np.maximum(np.abs(a), 1e-6)).max()) if diff.size else 0.0
+    max_abs = float(diff.max())
+    max_rel = float((diff / np.maximum(np.abs(a), 1e-6)).max())
     agree = a.argmax(1) == b.argmax(1)
-    top1 = float(np.mean(agree)) if n else 1.0
+    top1 = float(np.mean(agree))
     flags_known = all(f"{NEAR_BOUNDARY}{blk}" in ref for blk in blocks)
     first_diff_excused = np.zeros(n, bool)
     differed = np.zeros(n, bool)
@@ -200,7 +205,7 @@ def compare_outputs(
     excused_mm = 0
     if flags_known and first_diff_excused.any():
         excused_mm = int((~np.stack(same_by_block)[:, first_diff_excused]).sum())
-        g_abs = float(diff[judged].max()) if judged.any() and diff.size else 0.0
+        g_abs = float(diff[judged].max()) if judged.any() else 0.0
         g_top1 = float(np.mean(agree[judged])) if judged.any() else 1.0
         g_pairs = pairs - len(blocks) * int(first_diff_excused.sum())
         g_kept = 1.0 - (mismatches - excused_mm) / g_pairs if g_pairs else 1.0
@@ -212,7 +217,7 @@ def compare_outputs(
         failures.append(f"top-1 agreement {g_top1:.2%} < {tol.top1_min:.2%}{what}")
     if g_kept < tol.kept_min:
         failures.append(f"kept-set agreement {g_kept:.2%} < {tol.kept_min:.2%}{what}")
-    if n and judged.sum() * 2 < n:
+    if judged.sum() * 2 < n:
         failures.append(
             f"only {int(judged.sum())} of {n} images are free of near-boundary picks: too few to judge; "
             "pass other inputs (--inputs) or more of them"

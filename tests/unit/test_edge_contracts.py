@@ -411,3 +411,82 @@ def test_int8_checker_reads_defaults_and_reports_instead_of_crashing(portable, d
     q_node = next(n for n in m.graph.node if n.op_type == "QuantizeLinear")
     m.graph.node.append(onnx.helper.make_node("QuantizeLinear", list(q_node.input), ["dangling_q"], name="dangling"))
     assert any("dangling" in v or "dangling_q" in v for v in int8_violations(m)), int8_violations(m)
+
+
+# -- third mutation sample's survivors --------------------------------------------------------------
+
+
+def test_a_state_dict_is_recognised_by_any_of_its_key_kinds():
+    """A dict is taken as the state itself (not a wrapper to open) on a `.weight` key, a `.bias` key or
+    `cls_token` alone; training metadata is not a state."""
+    from ats_deploy.model.checkpoints import _looks_like_state
+
+    assert _looks_like_state({"head.weight": 0})
+    assert _looks_like_state({"norm.bias": 0})
+    assert _looks_like_state({"cls_token": 0})
+    assert not _looks_like_state({"epoch": 3, "model": {}})
+    assert not _looks_like_state({7: "weight", "bias": 1})  # non-string keys and a bare word are not names
+
+
+def test_reference_of_another_width_is_named_as_classes_or_slots(tmp_path):
+    """The message names what differs: classes for the logits, slots (another K schedule) for a block's
+    kept tokens; a dynamic width (-1) is not checked; another rank is refused with both shapes."""
+    from ats_deploy.runtime.verify import check_reference
+
+    record = {
+        "onnx": {"input": {"shape": [4, 3, 64, 64]}},
+        "network": {"outputs": [{"name": "logits", "shape": [-1, 10]}, {"name": "tokens_2", "shape": [-1, 40]}]},
+    }
+    px = np.zeros((4, 3, 64, 64), np.float32)
+    ref = tmp_path / "reference.npz"
+    good = {"pixels": px, "logits": np.zeros((4, 10)), "tokens_2": np.zeros((4, 40))}
+    check_reference(record, good, ref)  # fits: no error
+    with pytest.raises(InputError) as e:
+        check_reference(record, {**good, "logits": np.zeros((4, 12))}, ref)
+    assert str(e.value) == "reference.npz: logits has 12 classes but the engine has 10: it is from another model"
+    with pytest.raises(InputError) as e:
+        check_reference(record, {**good, "tokens_2": np.zeros((4, 33))}, ref)
+    assert str(e.value) == (
+        "reference.npz: tokens_2 has 33 slots (another K schedule) but the engine has 40: it is from another model"
+    )
+    with pytest.raises(InputError) as e:
+        check_reference(record, {**good, "tokens_2": np.zeros((4, 40, 1))}, ref)
+    assert str(e.value) == "reference.npz: tokens_2 has shape [4, 40, 1], the engine's is [-1, 40]"
+    dynamic = {**record, "network": {"outputs": [{"name": "tokens_2", "shape": [-1, -1]}]}}
+    check_reference(dynamic, {**good, "tokens_2": np.zeros((4, 33))}, ref)  # size-tensor width: any
+
+
+def test_verify_counts_kept_patches_without_both_prefix_tokens(tmp_path, tiny_distilled_ckpt):
+    """A distilled export carries CLS and the distillation token in every block's count: K' (kept patches)
+    is the count minus 2, read from the manifest's prefix_tokens."""
+    from _helpers.trt_helpers import OrtEngine, fake_record
+
+    from ats_deploy.exporters.export import export_model
+    from ats_deploy.exporters.trt import sha256_file
+    from ats_deploy.runtime.verify import verify
+
+    out = tmp_path / "out"
+    ats = resolve_ats(tiny_distilled_ckpt.config, max_k="40")
+    export_model(tiny_distilled_ckpt, ats, out, opts=GraphOptions(batch=4), parity_count=8, source={"kind": "embedded"})
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"not a real engine")
+    rec = fake_record(out, engine={"sha256": sha256_file(plan)})
+    assert rec["manifest"]["ats"]["prefix_tokens"] == 2
+    (tmp_path / "model.plan.json").write_text(json.dumps(rec))
+    res = verify(plan, out / "reference.npz", runner=OrtEngine(out / "model.onnx", 4, (4, 4)))
+    with np.load(out / "reference.npz") as z:
+        for st in res.parity.blocks:
+            counts = z[f"count_{st.block}"].astype(np.int64)
+            assert st.kept_max == int(counts.max()) - 2 and st.kept_min == int(counts.min()) - 2
+            assert st.kept_mean == pytest.approx(counts.mean() - 2)
+
+
+def test_comparing_no_images_or_unequal_sets_is_an_input_error():
+    from ats_deploy.reports.parity import compare_outputs
+
+    empty = {"logits": np.zeros((0, 10), np.float32)}
+    with pytest.raises(InputError, match="cannot compare 0 reference images with 0 outputs"):
+        compare_outputs(empty, empty, blocks=[])
+    three, two = {"logits": np.zeros((3, 10), np.float32)}, {"logits": np.zeros((2, 10), np.float32)}
+    with pytest.raises(InputError, match="cannot compare 3 reference images with 2 outputs"):
+        compare_outputs(three, two, blocks=[])
