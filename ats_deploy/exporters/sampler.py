@@ -204,9 +204,9 @@ def emit_portable_sampler(
     picked = g.op("Cast", flags, to=BOOL)
     if not all_valid:
         picked = g.op("And", picked, valid)
-    rank = g.op("CumSum", g.cast(picked, INT64), ax1)  # 1-based output slot of each kept patch
-    if not (static and int(k_out) > p_bound):
-        picked = g.op("And", picked, g.op("Less", rank, g.dim(k_out)))  # at most K_out - 1 kept patches
+    # 1-based output slot of each kept patch. No cap to K_out - 1 is needed: the M = min(K, n_ref) - 1 grid
+    # points pick at most M distinct patches, and at most the P = n - 1 there are: at most min(K, n) - 1.
+    rank = g.op("CumSum", g.cast(picked, INT64), ax1)
     count_out = g.op("Add", _reduce(g, "ReduceSum", g.cast(picked, INT64), [1], keepdims=0), g.const(1))
     # Compact: kept patch -> its rank; any other sorted position -> a slot of its own past K_out (targets
     # stay unique, so the scatter is deterministic on every backend); keep the first K_out (or s) slots.
