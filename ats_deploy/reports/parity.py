@@ -196,7 +196,7 @@ def compare_outputs(
                 kept_p10=float(np.percentile(k, 10)),
                 kept_p90=float(np.percentile(k, 90)),
                 kept_max=int(k.max()),
-                agreement=float(np.mean(same)) if same else 1.0,
+                agreement=float(np.mean(same)),  # n >= 1 images (refused above otherwise)
             )
         )
     kept = 1.0 - mismatches / pairs if pairs else 1.0

@@ -110,6 +110,12 @@ def test_int8_violations_sees_each_broken_invariant(int8_graph):
     assert any("zero point must be an int8 initializer of zeros" in v for v in _broken(int8_graph, bad_zero_point))
     assert any("scale must be a positive finite float16" in v for v in _broken(int8_graph, bad_scale))
     assert any("scale must be a positive finite float16" in v for v in _broken(int8_graph, fp32_scale))
+
+    def zero_scale(m):  # zero is not positive: every value would quantise to 0
+        t = _init(m, q.input[1])
+        t.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(t)), t.name))
+
+    assert any("scale must be a positive finite float16" in v for v in _broken(int8_graph, zero_scale))
     assert any("Q/DQ on an ATS node" in v for v in _broken(int8_graph, rename_to_ats))
 
 

@@ -197,3 +197,37 @@ def test_safetensors_checkpoints_load_without_torch(tmp_path, sd):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(len({k.split(".")[1] for k in sd if k.startswith("blocks.")})), "float32", "None"]
+
+
+def test_a_checkpoint_saved_on_a_gpu_loads_on_the_cpu(tmp_path, sd, monkeypatch):
+    """Checkpoints from GPU training carry 'cuda:0' storage tags: they must load here (map to the CPU),
+    not fail with torch's 'deserialize object on a CUDA device'."""
+    import torch.serialization as ser
+
+    with monkeypatch.context() as m:
+        m.setattr(ser, "location_tag", lambda storage: "cuda:0")  # what torch.save records for a GPU tensor
+        torch.save(sd, tmp_path / "gpu.pt")
+    assert b"cuda:0" in (tmp_path / "gpu.pt").read_bytes()
+    ck = load_checkpoint(tmp_path / "gpu.pt")
+    np.testing.assert_array_equal(ck.state_dict["head.weight"], sd["head.weight"].numpy())
+
+
+def test_a_truncated_zip_checkpoint_names_torch_s_reason(tmp_path, sd):
+    torch.save(sd, tmp_path / "full.pt")
+    data = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    text = _refused(tmp_path / "cut.pt", "is truncated or corrupt (")
+    assert "PytorchStreamReader failed" in text and text.endswith("); re-download or re-save it")
+
+
+def test_safetensors_load_in_process_when_torch_cannot_be_imported(tmp_path, sd, monkeypatch):
+    """The same as the child-process test above, in this process (where a broken torch stand-in would show)."""
+    import sys
+
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.numpy() for k, v in sd.items()}, str(path))
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    ck = load_checkpoint(path, heads=2)
+    assert ck.state_dict["head.weight"].dtype == np.float32 and ck.config.num_heads == 2

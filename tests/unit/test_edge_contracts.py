@@ -36,7 +36,9 @@ def test_print_json_writes_paths_and_numpy_values_as_plain_json(capsys):
     from ats_deploy._cli_common import print_json
 
     print_json({"path": Path("out") / "model.onnx", "k": np.int64(7), "t": np.float32(0.5), "a": np.arange(3)})
-    assert json.loads(capsys.readouterr().out) == {"path": "out/model.onnx", "k": 7, "t": 0.5, "a": [0, 1, 2]}
+    out = capsys.readouterr().out
+    assert json.loads(out) == {"path": "out/model.onnx", "k": 7, "t": 0.5, "a": [0, 1, 2]}
+    assert out.startswith('{\n  "path": "out/model.onnx",\n  "k": 7,')  # indented for people, one key a line
 
 
 # -- near_boundary: both of its tests, at their edges ----------------------------------------------
@@ -243,9 +245,10 @@ def test_calibrate_export_records_what_it_did(tmp_path, tiny_ckpt, data):
         parity_count=0,
         source={"kind": "embedded", "seed": 7, "qk_gain": 1.5},
     )
-    res, _ = calibrate_export(tmp_path, data, method="percentile", percentile=99.0, progress=False)
-    assert res.settings.percentile == 99.0 and res.settings.num_bins == 2048
+    res, _ = calibrate_export(tmp_path, data, method="percentile", percentile=99.0, num_bins=1500, progress=False)
+    assert res.settings.percentile == 99.0 and res.settings.num_bins == 1500
     details = json.loads((tmp_path / "manifest.json").read_text())["precisions"]["int8"]
+    assert len(res.data_sha256) == 64 and details["data_sha256"] == res.data_sha256
     assert details["method"] == "percentile" and details["images"] == 16
     assert details["cache"] == "calibration.json" and (tmp_path / "calibration.json").exists()
     assert details["weights"] == "int8 symmetric per output channel"
@@ -490,3 +493,80 @@ def test_comparing_no_images_or_unequal_sets_is_an_input_error():
     three, two = {"logits": np.zeros((3, 10), np.float32)}, {"logits": np.zeros((2, 10), np.float32)}
     with pytest.raises(InputError, match="cannot compare 3 reference images with 2 outputs"):
         compare_outputs(three, two, blocks=[])
+
+
+def test_rechunk_pads_the_last_chunk_with_copies_of_its_last_image():
+    """A static-batch graph gets chunks of exactly its batch: 8 images in chunks of 5 (given as 3 + 5)."""
+    from ats_deploy.calibration.int8 import _rechunk
+
+    x = np.arange(8, dtype=np.float32).reshape(8, 1)
+    got = [(c[:, 0].tolist(), real) for c, real in _rechunk([x[:3], x[3:]], 5)]
+    assert got == [([0, 1, 2, 3, 4], 5), ([5, 6, 7, 7, 7], 3)]
+
+
+def test_calibrate_cache_false_writes_no_cache_and_warnings_are_printed(tmp_path, portable, data, capsys):
+    src = tmp_path / "m.onnx"
+    onnx.save(portable, src)
+    res = calibrate(src, data, cache=False, progress=False)
+    assert res.cache_path is None and res.to_dict()["cache_path"] is None
+    assert not (tmp_path / "calibration.json").exists()
+    assert capsys.readouterr().err.count("warning: only 16 calibration images") == 1
+    assert isinstance(res.seconds, float) and 0 < res.seconds < 600
+    res = calibrate(src, data, progress=False)  # the default cache sits beside the model
+    assert res.to_dict()["cache_path"] == str(tmp_path / "calibration.json")
+    assert (tmp_path / "calibration.json").exists()
+
+
+def test_calibrate_collects_in_chunks_of_its_batch_size(portable, data):
+    """Histogram methods merge per-chunk histograms, so the chunk size shows in the ranges."""
+    st = CalibrationSettings(method="percentile", percentile=99.0, num_bins=2048)
+    by4 = collect_ranges(portable, [data], st, batch_size=4, progress=False)
+    by16 = collect_ranges(portable, [data], st, batch_size=16, progress=False)
+    assert by4 != by16  # else this test could not tell the batch size apart
+    res = calibrate(portable, data, method="percentile", percentile=99.0, batch_size=4, cache=False, progress=False)
+    assert res.amax == by4
+
+
+def test_image_calibration_of_an_export_uses_its_manifest_preprocessing(tmp_path, tiny_ckpt):
+    from ats_deploy.calibration.int8 import _default_preprocess
+    from ats_deploy.exporters.export import export_model
+    from ats_deploy.inputs import Preprocess
+
+    export_model(tiny_ckpt, resolve_ats(tiny_ckpt.config), tmp_path, parity_count=0, source={"kind": "test"})
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    man["preprocessing"]["mean"] = [0.5, 0.5, 0.5]
+    (tmp_path / "manifest.json").write_text(json.dumps(man))
+    model = onnx.load(tmp_path / "model.onnx")
+    assert _default_preprocess(model, tmp_path / "model.onnx").mean == (0.5, 0.5, 0.5)
+    plain = tmp_path / "elsewhere" / "model.onnx"  # no manifest beside it: the graph's size, ImageNet stats
+    plain.parent.mkdir()
+    assert _default_preprocess(model, plain) == Preprocess(size=tiny_ckpt.config.img_size)
+
+
+def test_histogram_calibration_without_onnxruntime_quantization_says_what_to_install(monkeypatch):
+    import sys
+
+    from ats_deploy.calibration.int8 import _Collector
+    from ats_deploy.errors import DependencyError
+
+    monkeypatch.setitem(sys.modules, "onnxruntime.quantization.calibrate", None)
+    assert _Collector(CalibrationSettings(method="max")).hist is None  # max needs no collector
+    with pytest.raises(DependencyError) as err:
+        _Collector(CalibrationSettings(method="percentile"))
+    assert str(err.value) == "INT8 calibration needs ONNX Runtime; pip install 'ats-deploy[export]'"
+
+
+def test_a_model_without_linear_layers_cannot_be_calibrated(data):
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["pixels"], ["logits"], name="relu")],
+        "no_linear",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [None, 3, 64, 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 3, 64, 64])],
+    )
+    with pytest.raises(InputError) as err:
+        collect_ranges(helper.make_model(g), [data], CalibrationSettings(method="max"), progress=False)
+    assert str(err.value) == (
+        "the model has no Linear MatMul (blocks.*.weight.T) to quantise; pass an ats-deploy export"
+    )
