@@ -111,7 +111,8 @@ def _phases(config: dict) -> str:
     ]
     bs = int(config["batch_size"])
     for i, p in enumerate(config["phases"]):
-        ats = "every other" if p.get("ats") else "none"
+        every = int(p.get("ats_every", 2))
+        ats = {1: "every step", 2: "every other"}.get(every, f"1 in {every}") if p.get("ats") else "none"
         guide = f"weight {p['guide']:g}" if p.get("guide") else "-"
         rows.append(
             f"| {i} | {p['img_size']} | {p['steps']} | {p['steps'] * bs:,} | {p['lr']:g} | {p['warmup']} "

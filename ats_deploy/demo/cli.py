@@ -100,9 +100,10 @@ def demo_train(
         list[str] | None,
         typer.Option(
             "--phase",
-            metavar="IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats[:guide=W]]",
+            metavar="IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats[=N][:guide=W]]",
             help="A training phase (repeat for several, in order); replaces the --*-low/--*-high options. "
-            "':ats' runs every other step through ATS; ':guide=W' adds attention guidance with weight W.",
+            "':ats' runs every other step through ATS (':ats=N': one step in N); "
+            "':guide=W' adds attention guidance with weight W.",
         ),
     ] = None,
     steps_low: Annotated[int | None, typer.Option("--steps-low", help="Steps of the low-resolution phase.")] = None,

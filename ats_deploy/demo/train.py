@@ -72,6 +72,9 @@ class Phase:
     # the demo exists to show. The selection itself is not differentiable and is not changed; only the
     # weights learn.
     guide: float = 0.0
+    # ATS phases: one step in ats_every runs through ATS (2: every other step, the default; 1: every
+    # step, twice the ATS exposure per minute, with no dense step between to keep token labelling going).
+    ats_every: int = 2
 
 
 # Share of the attention-guidance target spread evenly over the valid background patches. The authors'
@@ -132,6 +135,8 @@ class TrainConfig:
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
         for i, ph in enumerate(self.phases):
+            if ph.ats_every < 1:
+                raise ValueError(f"phase {i}: ats_every must be at least 1, got {ph.ats_every}")
             if ph.guide and not ph.ats:
                 raise ValueError(f"phase {i}: attention guidance needs an ATS phase (add :ats before :guide=W)")
             if ph.guide and self.token_label <= 0:
@@ -362,10 +367,11 @@ def _resumable(saved: dict | None, global_step: int, cfg: TrainConfig, recipe: d
     # Recipes saved before guide_background existed ran no guided phase: the share did not matter.
     if "guide_background" not in saved and not any(p.get("guide") for p in saved.get("phases", [])):
         saved = {**saved, "guide_background": new["guide_background"]}
-    if saved == new:
+    # Recipes saved before Phase.ats / guide / ats_every existed lack those keys: those phases ran dense,
+    # unguided (and an ATS phase ran ATS every other step).
+    old_phases = [{"ats": False, "guide": 0.0, "ats_every": 2, **p} for p in saved.get("phases", [])]
+    if {**saved, "phases": old_phases} == new:
         return True
-    # Recipes saved before Phase.ats / Phase.guide existed lack those keys: those phases ran dense, unguided.
-    old_phases = [{"ats": False, "guide": 0.0, **p} for p in saved.get("phases", [])]
     new_phases = new["phases"]
     same_rest = {k: v for k, v in saved.items() if k != "phases"} == {k: v for k, v in new.items() if k != "phases"}
     finished = sum(p["steps"] for p in old_phases) == global_step
@@ -529,7 +535,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
                 for grp in opt.param_groups:
                     grp["lr"] = lr
                 x, y = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
-                ats_step = phase.ats and step % 2 == 1
+                ats_step = phase.ats and step % phase.ats_every == phase.ats_every - 1
                 guided = ats_step and phase.guide > 0
                 recorded: list | None = [] if guided else None
                 _set_ats(model, ats_step)
@@ -769,22 +775,23 @@ def _set_ats(model, on: bool) -> None:
 
 
 def _parse_phase(text: str) -> Phase:
-    """``IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats[:guide=W]]`` -> Phase (argparse turns the ValueError into a
+    """``IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats[=N][:guide=W]]`` -> Phase (argparse turns the ValueError into a
     usage error)."""
     parts = text.split(":")
     guide = 0.0
     if parts[-1].startswith("guide="):
         guide = float(parts[-1][len("guide=") :])
         parts = parts[:-1]
-        if parts[-1] != "ats":
+        if parts[-1].split("=")[0] != "ats":
             raise ValueError(f"guide=W needs an ATS phase (...:ats:guide=W), got {text!r}")
-    ats = parts[-1] == "ats"
-    if ats:
+    ats, every = False, 2
+    if parts[-1] == "ats" or parts[-1].startswith("ats="):
+        ats, every = True, int(parts[-1][len("ats=") :]) if "=" in parts[-1] else 2
         parts = parts[:-1]
     if len(parts) not in (4, 6):
-        raise ValueError(f"expected IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats[:guide=W]], got {text!r}")
+        raise ValueError(f"expected IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats[=N][:guide=W]], got {text!r}")
     scale = (float(parts[4]), float(parts[5])) if len(parts) == 6 else None
-    return Phase(int(parts[0]), int(parts[1]), float(parts[2]), int(parts[3]), scale, ats, guide)
+    return Phase(int(parts[0]), int(parts[1]), float(parts[2]), int(parts[3]), scale, ats, guide, every)
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -814,7 +821,7 @@ def _main(argv: list[str] | None = None) -> int:
         "--phase",
         action="append",
         type=_parse_phase,
-        metavar="IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats[:guide=W]]",
+        metavar="IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats[=N][:guide=W]]",
         help="a training phase (repeat for several, in order); replaces the --*-low/--*-high options",
     )
     p.add_argument("--token-label", type=float, default=d.token_label, help="token-labelling loss weight (0: off)")

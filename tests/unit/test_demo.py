@@ -327,6 +327,36 @@ def test_an_ats_phase_alternates_ats_and_dense_steps_on_the_same_weights(tmp_pat
     assert res.steps == 4 and math.isfinite(res.last_loss)
 
 
+
+@pytest.mark.parametrize(
+    "every,expected", [(2, [False, True, False, True]), (1, [True] * 4), (3, [False, False, True, False])]
+)
+def test_ats_every_n_chooses_which_steps_run_through_ats(tmp_path, monkeypatch, every, expected):
+    """':ats=N' runs step s through ATS when s % N == N - 1 (':ats' is N = 2); recorded by wrapping the real
+    switch, which the training loop turns on for an ATS step and off after it."""
+    from ats_deploy.demo import train as tr
+
+    assert tr._parse_phase("224:10:1e-4:2:ats=1") == tr.Phase(224, 10, 1e-4, 2, None, True, 0.0, 1)
+    assert tr._parse_phase("224:10:1e-4:2:ats=3:guide=0.5") == tr.Phase(224, 10, 1e-4, 2, None, True, 0.5, 3)
+    assert tr._parse_phase("224:10:1e-4:2:ats").ats_every == 2
+    with pytest.raises(ValueError, match="ats_every must be at least 1"):
+        tr.TrainConfig(phases=(tr.Phase(32, 2, 1e-3, 1, ats=True, ats_every=0),))
+    calls = []
+    real = tr._set_ats
+    monkeypatch.setattr(tr, "_set_ats", lambda model, on: (calls.append(on), real(model, on))[1])
+    cfg = tr.TrainConfig(
+        phases=(tr.Phase(img_size=32, steps=4, lr=1e-3, warmup=1, ats=True, ats_every=every),),
+        batch_size=2,
+        arch=TINY_ARCH,
+        out_dir=str(tmp_path / "e"),
+        eval_every=0,
+        threads=1,
+        amp="none",
+    )
+    tr.train(cfg, progress=False)
+    assert calls[0::2] == expected and not any(calls[1::2])
+
+
 def test_guidance_loss_matches_hand_computed_cross_entropy():
     """Two ATS blocks, one image: the target puts 0.8 evenly on the object's valid patches and 0.2 evenly on
     the other valid ones; padding slots' scores (here large) must not count; the result is the mean over
@@ -527,3 +557,22 @@ def test_runs_saved_before_guidance_existed_still_resume():
     old["phases"] = [{k: v for k, v in p.items() if k not in ("ats", "guide")} for p in old["phases"]]
     assert _resumable(old, 3, cfg)
     assert not _resumable({**old, "batch_size": 7}, 3, cfg)
+
+
+def test_card_phase_table_names_how_often_ats_ran():
+    """Recipes saved before ats_every existed ran ATS every other step; the table says what each phase did."""
+    from ats_deploy.demo.card import _phases
+
+    cfg = {"batch_size": 8, "phases": [
+        {"img_size": 112, "steps": 10, "lr": 1e-3, "warmup": 1},
+        {"img_size": 224, "steps": 4, "lr": 1e-4, "warmup": 1, "ats": True, "guide": 0.5},
+        {"img_size": 224, "steps": 4, "lr": 1e-4, "warmup": 1, "ats": True, "guide": 0.0, "ats_every": 1},
+        {"img_size": 224, "steps": 6, "lr": 1e-4, "warmup": 1, "ats": True, "guide": 0.0, "ats_every": 3},
+    ]}
+    rows = _phases(cfg).splitlines()[2:]
+    assert rows == [
+        "| 0 | 112 | 10 | 80 | 0.001 | 1 | none | - |",
+        "| 1 | 224 | 4 | 32 | 0.0001 | 1 | every other | weight 0.5 |",
+        "| 2 | 224 | 4 | 32 | 0.0001 | 1 | every step | - |",
+        "| 3 | 224 | 6 | 48 | 0.0001 | 1 | 1 in 3 | - |",
+    ]
