@@ -56,9 +56,9 @@ class Phase:
     # Object diameter range (fraction of the side) for this phase; None: TrainConfig.scale. Larger
     # objects early are a curriculum; the monitoring top-1 always uses TrainConfig.scale.
     scale: tuple[float, float] | None = None
-    # ATS-aware fine-tuning: every other step runs the model with ATS in the paper's placement (blocks
-    # 3..11 of 12, K = token count, static shapes) on the classification loss, the steps between run it
-    # dense as before. A ViT trained dense on these images concentrates its CLS attention so sharply that
+    # ATS-aware fine-tuning: every other step (see ats_every) runs the model with ATS in the paper's
+    # placement (blocks 3..11 of 12, K = token count, static shapes) on the classification loss, the steps
+    # between run it dense as before. A ViT trained dense on these images concentrates its CLS attention so sharply that
     # ATS keeps ~10-20 tokens and loses the class; this teaches the same weights to classify from the
     # tokens ATS keeps while staying accurate dense.
     ats: bool = False
