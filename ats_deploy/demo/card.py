@@ -163,7 +163,9 @@ def render_card(
     cfg = log.config
     stage = None
     if cfg.get("init"):
-        what = "the first stage above" if base is not None else "no card of them was found"
+        what = "no card of them was found"
+        if base is not None:  # a base that is already a history ends with its last stage: the one above
+            what = "the stage above" if "## Training, last stage (" in base else "the first stage above"
         stage = f"- Started (`--init`) from weights with sha256 `{init_sha256 or '?'}` ({what})."
     title = "## Training" + (", last stage" if base is not None else "") + " (`ats_deploy/demo/train.py`)"
     guided = [p for p in cfg["phases"] if p.get("guide")]

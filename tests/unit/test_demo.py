@@ -517,6 +517,23 @@ def test_a_card_of_fine_tuned_weights_keeps_the_history_of_its_starting_weights(
     assert sha256_of(dst) != sha_a and f"`{sha256_of(dst)}`" in text
     # The card beside the copy now describes B, not A's bytes: nothing to borrow for A any more.
     assert base_training_section(a_copy) is None
+    # A third stage C from B's file: A stays first, B becomes an earlier stage, C names B as the stage above.
+    sha_b = sha256_of(dst)
+    c = _tiny_train(tmp_path, "c", init=str(dst), eval_every=2, eval_images=4)
+    _, card, _ = ship_run(c.final_weights.parent, command="train stage three", dst=dst, images=4, progress=False)
+    text = card.read_text()
+    order = [
+        "## Training, first stage: the starting weights (",
+        "Command: `train stage one`",
+        "## Training, earlier stage (",
+        f"Started (`--init`) from weights with sha256 `{sha_a}` (the first stage above)",
+        "Command: `train stage two`",
+        "## Training, last stage (",
+        f"Started (`--init`) from weights with sha256 `{sha_b}` (the stage above)",
+        "Command: `train stage three`",
+    ]
+    at = [text.index(x) for x in order]
+    assert at == sorted(at) and text.count("## Training, last stage (") == 1
     # Shipping B's run again (its --init file now holds B): B's own history is not borrowed as its first
     # stage; the card still names the bytes the run started from (sha256 recorded in the log).
     _, card, _ = ship_run(b.final_weights.parent, command="train stage two", dst=dst, images=4, progress=False)
