@@ -58,9 +58,9 @@ class Phase:
     scale: tuple[float, float] | None = None
     # ATS-aware fine-tuning: every other step (see ats_every) runs the model with ATS in the paper's
     # placement (blocks 3..11 of 12, K = token count, static shapes) on the classification loss, the steps
-    # between run it dense as before. A ViT trained dense on these images concentrates its CLS attention so sharply that
-    # ATS keeps ~10-20 tokens and loses the class; this teaches the same weights to classify from the
-    # tokens ATS keeps while staying accurate dense.
+    # between run it dense as before. A ViT trained dense on these images concentrates its CLS attention
+    # so sharply that ATS keeps ~10-20 tokens and loses the class; this teaches the same weights to
+    # classify from the tokens ATS keeps while staying accurate dense.
     ats: bool = False
     # Attention guidance (ATS phases only, weight; 0: off): on every ATS step, each ATS block's
     # significance scores (the ones its sampler reads, r_j = sum_h A_h[CLS, j] * ||V_j||), normalised over
@@ -786,7 +786,10 @@ def _parse_phase(text: str) -> Phase:
             raise ValueError(f"guide=W needs an ATS phase (...:ats:guide=W), got {text!r}")
     ats, every = False, 2
     if parts[-1] == "ats" or parts[-1].startswith("ats="):
-        ats, every = True, int(parts[-1][len("ats=") :]) if "=" in parts[-1] else 2
+        n = parts[-1][len("ats=") :] if "=" in parts[-1] else "2"
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"ats=N needs a whole number N >= 1 (one step in N runs ATS), got {text!r}")
+        ats, every = True, int(n)
         parts = parts[:-1]
     if len(parts) not in (4, 6):
         raise ValueError(f"expected IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats[=N][:guide=W]], got {text!r}")

@@ -339,6 +339,9 @@ def test_ats_every_n_chooses_which_steps_run_through_ats(tmp_path, monkeypatch, 
     assert tr._parse_phase("224:10:1e-4:2:ats=1") == tr.Phase(224, 10, 1e-4, 2, None, True, 0.0, 1)
     assert tr._parse_phase("224:10:1e-4:2:ats=3:guide=0.5") == tr.Phase(224, 10, 1e-4, 2, None, True, 0.5, 3)
     assert tr._parse_phase("224:10:1e-4:2:ats").ats_every == 2
+    for bad in ("224:10:1e-4:2:ats=0", "224:10:1e-4:2:ats=x:guide=1", "224:10:1e-4:2:ats="):
+        with pytest.raises(ValueError, match=r"ats=N needs a whole number N >= 1"):
+            tr._parse_phase(bad)
     with pytest.raises(ValueError, match="ats_every must be at least 1"):
         tr.TrainConfig(phases=(tr.Phase(32, 2, 1e-3, 1, ats=True, ats_every=0),))
     calls = []
