@@ -778,19 +778,19 @@ def _parse_phase(text: str) -> Phase:
     """``IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats[=N][:guide=W]]`` -> Phase (argparse turns the ValueError into a
     usage error)."""
     parts = text.split(":")
-    guide = 0.0
-    if parts[-1].startswith("guide="):
+    guide, guided = 0.0, parts[-1].startswith("guide=")
+    if guided:
         guide = float(parts[-1][len("guide=") :])
         parts = parts[:-1]
-        if parts[-1].split("=")[0] != "ats":
-            raise ValueError(f"guide=W needs an ATS phase (...:ats:guide=W), got {text!r}")
-    ats, every = False, 2
-    if parts[-1] == "ats" or parts[-1].startswith("ats="):
-        n = parts[-1][len("ats=") :] if "=" in parts[-1] else "2"
+    ats, every = False, Phase.ats_every
+    if parts[-1].split("=")[0] == "ats":
+        n = parts[-1][len("ats=") :] if "=" in parts[-1] else str(every)
         if not n.isdigit() or int(n) < 1:
             raise ValueError(f"ats=N needs a whole number N >= 1 (one step in N runs ATS), got {text!r}")
         ats, every = True, int(n)
         parts = parts[:-1]
+    elif guided:
+        raise ValueError(f"guide=W needs an ATS phase (...:ats:guide=W), got {text!r}")
     if len(parts) not in (4, 6):
         raise ValueError(f"expected IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats[=N][:guide=W]], got {text!r}")
     scale = (float(parts[4]), float(parts[5])) if len(parts) == 6 else None

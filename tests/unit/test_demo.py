@@ -327,7 +327,6 @@ def test_an_ats_phase_alternates_ats_and_dense_steps_on_the_same_weights(tmp_pat
     assert res.steps == 4 and math.isfinite(res.last_loss)
 
 
-
 @pytest.mark.parametrize(
     "every,expected", [(2, [False, True, False, True]), (1, [True] * 4), (3, [False, False, True, False])]
 )
