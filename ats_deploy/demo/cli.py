@@ -149,7 +149,7 @@ def demo_train(
     ] = None,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Start over instead of resuming --out.")] = False,
 ) -> None:
-    """Train the demo DeiT-Ti on generated shapes (GPU strongly advised); prints the final weights' path."""
+    """Train the demo DeiT-Ti on generated shapes (2-core CPU: about 2 h from scratch); prints the weights' path."""
     from .train import train
 
     cfg = train_config(**{k: v for k, v in locals().items() if k != "no_resume"})
