@@ -29,6 +29,30 @@ def interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, reps: int)
     return out
 
 
+def random_feeds(cfg, batch: int, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``count`` distinct standard-normal pixel batches [batch, C, H, W] for the model of ``cfg``."""
+    rng = np.random.default_rng(seed)
+    shape = (batch, cfg.in_chans, cfg.img_size, cfg.img_size)
+    return [{"pixels": rng.standard_normal(shape).astype(np.float32)} for _ in range(count)]
+
+
+def cycling_timers(runners: dict, feeds: list[dict[str, np.ndarray]]) -> dict[str, Callable[[], float]]:
+    """One timer per runner: each call runs the runner's next feed (cycling) and returns its milliseconds."""
+    turn = {k: 0 for k in runners}
+
+    def timer(name: str) -> Callable[[], float]:
+        def run() -> float:
+            feed = feeds[turn[name] % len(feeds)]
+            turn[name] += 1
+            t0 = time.perf_counter()
+            runners[name].infer(feed)
+            return (time.perf_counter() - t0) * 1e3
+
+        return run
+
+    return {k: timer(k) for k in runners}
+
+
 def environment() -> dict[str, str]:
     env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": str(os.cpu_count())}
     for mod in ("numpy", "onnx", "onnxruntime", "torch"):

@@ -23,13 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import environment, percentiles  # noqa: E402
+from _common import cycling_timers, environment, percentiles, random_feeds  # noqa: E402
 
 VARIANTS = ("dense", "glue", "glue+scores", "static")
 
@@ -83,24 +80,10 @@ def main() -> None:
     ck = default_checkpoint(cfg=cfg)
     results = []
     for b in [int(x) for x in args.batches.split(",")]:
-        rng = np.random.default_rng(0)
-        feeds = [{"pixels": rng.standard_normal((b, 3, cfg.img_size, cfg.img_size)).astype(np.float32)}
-                 for _ in range(args.inputs)]
+        feeds = random_feeds(cfg, b, args.inputs)
         runners = {k: OrtRunner(build(cfg, ck.state_dict, k, b), threads=args.threads, spin=False) for k in VARIANTS}
-        turn = {k: 0 for k in runners}
-
-        def timer(name, runners=runners, feeds=feeds, turn=turn):
-            def run() -> float:
-                feed = feeds[turn[name] % len(feeds)]
-                turn[name] += 1
-                t0 = time.perf_counter()
-                runners[name].infer(feed)
-                return (time.perf_counter() - t0) * 1e3
-
-            return run
-
         reps = max(args.reps // b, 20)
-        times = measure_interleaved({k: timer(k) for k in runners}, warmup=args.warmup, reps=reps)
+        times = measure_interleaved(cycling_timers(runners, feeds), warmup=args.warmup, reps=reps)
         prev = 1.0
         for k in VARIANTS:
             r = paired_ratio(times[k], times["dense"])

@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import environment, percentiles  # noqa: E402
+from _common import cycling_timers, environment, percentiles, random_feeds  # noqa: E402
 
 
 def token_work(cfg, ats, counts: dict[int, float] | None = None) -> float:
@@ -77,9 +76,7 @@ def main() -> None:
     dense_flops = model_flops(cfg, ATSConfig()).total
     results = []
     for b in [int(x) for x in args.batches.split(",")]:
-        rng = np.random.default_rng(0)
-        feeds = [{"pixels": rng.standard_normal((b, 3, cfg.img_size, cfg.img_size)).astype(np.float32)}
-                 for _ in range(args.inputs)]
+        feeds = random_feeds(cfg, b, args.inputs)
         runners, models, counts = {}, {}, {}
         for name, ats in variants.items():
             models[name] = build_graph(cfg, ck.state_dict, ats, GraphOptions(batch=b)).SerializeToString()
@@ -88,19 +85,7 @@ def main() -> None:
             # per ATS block: the slots the next block processed (dynamic: the batch's largest count)
             counts[name] = {blk: [float(o[f"tokens_{blk}"].shape[1]) for o in outs] for blk in ats.blocks}
             counts[name]["kept"] = {blk: np.concatenate([o[f"count_{blk}"] for o in outs]) for blk in ats.blocks}
-        turn = {k: 0 for k in runners}
-
-        def timer(name, runners=runners, feeds=feeds, turn=turn):
-            def run() -> float:
-                feed = feeds[turn[name] % len(feeds)]
-                turn[name] += 1
-                t0 = time.perf_counter()
-                runners[name].infer(feed)
-                return (time.perf_counter() - t0) * 1e3
-
-            return run
-
-        times = measure_interleaved({k: timer(k) for k in runners}, warmup=args.warmup, reps=args.reps)
+        times = measure_interleaved(cycling_timers(runners, feeds), warmup=args.warmup, reps=args.reps)
         dense_work = token_work(cfg, variants["dense"])
         for name, ats in variants.items():
             p = percentiles(times[name])
