@@ -306,6 +306,9 @@ def test_demo_train_options_map_to_train_config(monkeypatch, tmp_path):
         return type("R", (), {"final_weights": tmp_path / "final.safetensors"})()
 
     monkeypatch.setattr(tr, "train", fake_train)
+    # The option mapping is the subject here: a CPU with bf16 units, so the default --amp is not refused
+    # (test_demo.py covers the refusal against this machine's own measurement).
+    monkeypatch.setattr(tr, "bf16_slowdown", lambda: 0.3)
     args = ["demo", "train", "--out", str(tmp_path), "--phase", "112:10:5e-4:2", "--phase", "224:5:1e-4:1:0.2:0.4"]
     res = runner.invoke(app, [*args, "--batch-size", "8", "--seed", "3", "--token-label", "0.5", "--no-resume"])
     assert res.exit_code == 0, res.output

@@ -565,6 +565,42 @@ def test_a_cpu_where_bf16_is_slower_is_named_in_the_log(tmp_path):
     assert not [r for r in recs if r["event"] in ("warning", "amp")]
 
 
+def test_default_bf16_is_refused_only_where_the_cpu_emulates_it():
+    """Without --amp, demo train refuses to start on a CPU that emulates bf16 (the run would take days)
+    and names both ways out; CPUs with bf16 units, GPUs and an explicit choice are never refused."""
+    from ats_deploy.demo.train import BF16_EMULATED, default_amp_refusal
+
+    msg = default_amp_refusal("cpu", 66.4)
+    assert msg is not None and "66x slower" in msg and "--amp none" in msg and "--amp bf16" in msg
+    assert "\n" not in msg
+    assert default_amp_refusal("cpu", 450.0) is not None
+    assert default_amp_refusal("cpu", 0.3) is None  # AVX512-BF16: bf16 3x faster
+    assert default_amp_refusal("cpu", 2.2) is None  # native bf16 that loses to float32: warned, not refused
+    assert default_amp_refusal("cpu", BF16_EMULATED) is None
+    assert default_amp_refusal("cuda", 66.4) is None
+
+
+def test_demo_train_without_amp_follows_this_cpus_bf16_measurement(tmp_path):
+    """End to end through the CLI and the real measurement: on a CPU that emulates bf16 the default run
+    stops before writing anything, with the one-line way out; elsewhere it trains. --amp bf16 always runs."""
+    from typer.testing import CliRunner
+
+    from ats_deploy.cli import app
+    from ats_deploy.demo.train import BF16_EMULATED, bf16_slowdown
+
+    emulated = bf16_slowdown() > BF16_EMULATED
+    args = ["demo", "train", "--out", str(tmp_path / "d"), "--phase", "32:1:1e-3:1", "--batch-size", "2"]
+    args += ["--threads", "1", "--eval-every", "0", "--device", "cpu"]
+    res = CliRunner().invoke(app, args)
+    if emulated:
+        assert res.exit_code != 0 and "--amp none" in res.output and "no native bf16" in res.output
+        assert not (tmp_path / "d").exists()
+    else:
+        assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, [*args[:3], str(tmp_path / "n"), *args[4:], "--amp", "none"])
+    assert res.exit_code == 0, res.output
+
+
 def test_runs_saved_before_guidance_existed_still_resume():
     """A recipe saved by an older trainer (no guide_background, phases without guide) continues as the
     same recipe; one that differs otherwise does not."""
