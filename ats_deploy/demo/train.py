@@ -628,7 +628,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
 
 
 BF16_SLOW = 1.0  # bf16 matrix products slower than float32 by more than this: --amp none is the faster choice
-# Slower than this: the CPU has no bf16 units and emulates them (measured 66x and 450x on two AVX2-only AMD
+# Slower than this: the CPU has no bf16 units and emulates them (measured 40-66x and 450x on two AVX2-only AMD
 # EPYCs); native bf16 measured between 0.3x and 2.2x. A bf16 run there takes days instead of hours.
 BF16_EMULATED = 10.0
 

@@ -4,7 +4,7 @@ Both forms have the sampler contract's inputs and outputs (docs/ATS_RULE.md sect
 ``count_in`` [B] int32 -> ``indices`` [B, K_out] int32, ``count_out`` [B] int32; in the dynamic shape
 mode ``indices`` is [B, s] with s = max(count_out), and the plugin node has a third output, the 0-D int64
 size tensor s. The portable form uses no Unique, NonZero or searchsorted: TopK (ascending, ties by
-index, as the ONNX spec requires), CumSum, comparisons, Gather, ArgMin, ScatterElements (every scatter
+index, as the ONNX spec requires), CumSum, comparisons, GatherElements, ArgMin, ScatterElements (every scatter
 with unique targets, or writing one value to duplicates) and reductions, all in float32 or int64, and no
 tensor of grid points x patches. It picks exactly what :func:`ats_deploy.model.ats.select_tokens` and the
 NumPy reference pick.
