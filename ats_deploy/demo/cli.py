@@ -158,8 +158,7 @@ def demo_train(
         refusal = tr.default_amp_refusal(tr._resolve_device(cfg.device), tr.bf16_slowdown())
         if refusal:
             raise ConfigError(refusal)
-    train = tr.train
-    res = train(cfg, resume=not no_resume)
+    res = tr.train(cfg, resume=not no_resume)
     typer.echo(str(res.final_weights))
 
 
