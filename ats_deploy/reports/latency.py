@@ -540,7 +540,7 @@ def ort_ats_share(model: bytes, feeds: Sequence[Mapping[str, np.ndarray]], *, th
     from its profiler: per block (of that block's node time) and overall (of the whole graph's).
 
     The profiler adds a few microseconds to every node, so many small nodes weigh a little more than
-    they do unprofiled: read it as an upper estimate.
+    they do unprofiled: read it as an upper estimate. One warm-up run precedes the ``runs`` profiled ones.
     """
     import json as _json
 
@@ -554,12 +554,17 @@ def ort_ats_share(model: bytes, feeds: Sequence[Mapping[str, np.ndarray]], *, th
     with tempfile.TemporaryDirectory() as tmp:
         so.profile_file_prefix = str(Path(tmp) / "ort")
         sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-        for i in range(runs):
+        for i in range(runs + 1):
             sess.run(None, dict(feeds[i % len(feeds)]))
         events = _json.loads(Path(sess.end_profiling()).read_text())
+    # The first run is a warm-up (first-touch allocations, weight packing): its nodes are left out.
+    first = min((e for e in events if e.get("name") == "model_run"), key=lambda e: float(e["ts"]), default=None)
+    warm_from = float(first["ts"]) + float(first["dur"]) if first is not None else float("-inf")
     total, per_block, ats_per_block = 0.0, {}, {}
     for e in events:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        if float(e["ts"]) < warm_from:
             continue
         name, dur = e["name"], float(e["dur"])
         total += dur

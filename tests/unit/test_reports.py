@@ -263,3 +263,37 @@ def test_unknown_backend_is_a_config_error(tiny_ckpt):
 
     with pytest.raises(ConfigError, match="unknown"):
         make_factory("tvm", tiny_ckpt)
+
+
+def test_ats_node_share_attributes_node_time_by_block_and_ats_scope():
+    """ort_ats_share on a graph whose node names and costs are known: block 2's ATS node is a large matrix
+    product next to a one-element Relu, block 3 the other way round, and a third large product outside
+    any block. Expected by construction: block 2's share near 1, block 3's near 0, overall near 1/3."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ats_deploy.reports.latency import ort_ats_share
+
+    n = 384
+    w = helper.make_tensor("w", TensorProto.FLOAT, [n, n], np.full(n * n, 0.001, np.float32).tolist())
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["a"], name="blocks.2/ats/mm"),
+        helper.make_node("Relu", ["s"], ["r2"], name="blocks.2/relu"),
+        helper.make_node("Relu", ["s"], ["r3"], name="blocks.3/ats/relu"),
+        helper.make_node("MatMul", ["a", "w"], ["b"], name="blocks.3/mm"),
+        helper.make_node("MatMul", ["b", "w"], ["y"], name="head/mm"),
+    ]
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])]
+    outs += [helper.make_tensor_value_info(t, TensorProto.FLOAT, [1]) for t in ("r2", "r3")]
+    ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])]
+    ins.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, [1]))  # an input: not constant-folded
+    graph = helper.make_graph(nodes, "share", ins, outs, [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    x = {"x": np.ones((n, n), np.float32), "s": np.ones(1, np.float32)}
+    share = ort_ats_share(model.SerializeToString(), [x], threads=1, runs=5)
+    assert set(share["per_block"]) == {"2", "3"}
+    assert share["per_block"]["2"] > 0.8
+    assert share["per_block"]["3"] < 0.2
+    assert 0.2 < share["overall"] < 0.5
