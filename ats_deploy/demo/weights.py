@@ -54,8 +54,8 @@ def load_demo_checkpoint(path: str | Path | None = None) -> LoadedCheckpoint:
     p = Path(path or DEMO_WEIGHTS)
     if not p.is_file():
         raise CheckpointError(
-            f"trained demo weights {p} are not there (none are shipped yet); train some with "
-            "`ats-deploy demo train --out runs/demo` (a GPU is advised) and pass runs/demo/final.safetensors"
+            f"trained demo weights {p} are not there; pass a .safetensors file of `ats-deploy demo train` "
+            "(e.g. runs/demo/final.safetensors) or reinstall the package to get the shipped weights"
         )
     raw, meta = _read(p)
     sd = {k: np.asarray(v, dtype=np.float32) for k, v in raw.items()}

@@ -356,3 +356,25 @@ def test_demo_eval_warns_on_other_class_count(monkeypatch, tiny_ckpt, tmp_path):
     res = runner.invoke(app, ["demo", "eval", str(tmp_path / "w.safetensors")])
     assert res.exit_code == 0 and "warning" not in res.stderr
 
+
+
+def test_demo_eval_passes_images_seed_and_max_k_to_the_real_evaluation(tiny_ckpt, tmp_path):
+    """`demo eval W --images 6 --seed 5 --max-k 20 --json` on a tiny trained-format file runs the real
+    evaluation with exactly those settings: its JSON equals a direct evaluate() call with them, and a
+    different seed gives different K' (so a CLI that ignored --seed would not match)."""
+    from ats_deploy.demo.evaluate import evaluate
+    from ats_deploy.demo.train import save_weights
+    from ats_deploy.demo.weights import load_demo_checkpoint
+    from ats_deploy.model import build_model
+
+    w = save_weights(build_model(tiny_ckpt), tmp_path / "w.safetensors")
+    res = runner.invoke(app, ["demo", "eval", str(w), "--images", "6", "--seed", "5", "--max-k", "20", "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert got["images"] == 6 and got["seed"] == 5
+    assert [max(s["ats"]["k_schedule"], default=None) for s in got["settings"]] == [None, tiny_ckpt.config.n_ref, 20]
+    ck = load_demo_checkpoint(w)
+    want = json.loads(evaluate(ck, images=6, seed=5, max_ks=(None, 20), progress=False).to_json())
+    assert got["settings"] == want["settings"]
+    other = json.loads(evaluate(ck, images=6, seed=0, max_ks=(None, 20), progress=False).to_json())
+    assert other["settings"] != want["settings"]
