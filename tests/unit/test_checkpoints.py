@@ -37,7 +37,11 @@ def test_safetensors(tmp_path, tiny_ckpt):
 
     path = tmp_path / "ck.safetensors"
     save_file(dict(tiny_ckpt.state_dict), str(path))
-    assert load_checkpoint(path, heads=2).config == tiny_ckpt.config
+    ck = load_checkpoint(path, heads=2)
+    assert ck.config == tiny_ckpt.config
+    assert set(ck.state_dict) == set(tiny_ckpt.state_dict)
+    for k, v in tiny_ckpt.state_dict.items():  # the values, not only names and shapes
+        np.testing.assert_array_equal(ck.state_dict[k], v, err_msg=k)
 
 
 def test_architecture_inference(tmp_path, tiny_ckpt, tiny_distilled_ckpt):

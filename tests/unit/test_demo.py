@@ -411,10 +411,23 @@ def test_guidance_reaches_the_attention_weights_of_the_ats_blocks():
     assert model.head.weight.grad is None
 
 
-def test_a_guided_phase_trains_and_logs_its_loss_and_the_ats_top1(tmp_path):
+def test_a_guided_phase_trains_and_logs_its_loss_and_the_ats_top1(tmp_path, monkeypatch):
+    """The logged heldout_top1_ats is the real evaluation run with ATS switched on (a spy around
+    evaluate_dense records what each call saw), and heldout_top1 the same one with ATS off."""
     import json
 
+    import ats_deploy.demo.train as tr
     from ats_deploy.demo.train import Phase, TrainConfig, _parse_phase, train
+
+    seen = []
+    real_eval = tr.evaluate_dense
+
+    def spy(model, *a, **k):
+        top1 = real_eval(model, *a, **k)
+        seen.append((model.ats.blocks, [blk.k_max for blk in model.blocks], top1))
+        return top1
+
+    monkeypatch.setattr(tr, "evaluate_dense", spy)
 
     assert _parse_phase("224:10:1e-4:2:ats:guide=0.5") == Phase(224, 10, 1e-4, 2, None, True, 0.5)
     with pytest.raises(ValueError, match="needs an ATS phase"):
@@ -436,7 +449,14 @@ def test_a_guided_phase_trains_and_logs_its_loss_and_the_ats_top1(tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "g" / "train.log").read_text().splitlines()]
     last = [r for r in recs if r["event"] == "train"][-1]
     assert math.isfinite(last["guide_loss"]) and last["guide_loss"] > 0
-    assert 0 <= last["heldout_top1_ats"] <= 100
+    evals = [r for r in recs if r["event"] == "train" and "heldout_top1" in r]
+    assert len(evals) == 1 and len(seen) == 2  # logged at the phase's last step: dense, then ATS
+    depth, tokens = TINY_ARCH["depth"], (32 // 16) ** 2 + 1  # patch 16: 2 x 2 patches + CLS
+    for rec, (dense, ats) in zip(evals, zip(seen[::2], seen[1::2])):
+        assert dense[0] == () and dense[1] == [None] * depth and rec["heldout_top1"] == dense[2]
+        # the paper's placement scaled to depth 4 (blocks 3..11 of 12 -> 1..3), K = token count
+        assert ats[0] == tuple(range(depth // 4, depth)) and rec["heldout_top1_ats"] == ats[2]
+        assert ats[1] == [None] * (depth // 4) + [tokens] * (depth - depth // 4)
 
 
 def test_init_starts_from_the_given_weights(tmp_path):

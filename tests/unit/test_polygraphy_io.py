@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import polygraphy  # noqa: F401  a core dependency: a missing one is a broken install, not a skip
 import pytest
 from _helpers.trt_helpers import tiny_export
 
@@ -25,8 +26,6 @@ from ats_deploy.exporters.polygraphy_io import (
     read_parity_files,
     split_outputs,
 )
-
-pytest.importorskip("polygraphy", reason="Polygraphy is a core dependency: pip install -e .")
 
 
 @pytest.fixture(scope="module")
