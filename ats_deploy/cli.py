@@ -424,6 +424,10 @@ def report(
     fp32: Annotated[bool, typer.Option("--fp32", help="torch on CUDA: no fp16 autocast.")] = False,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the default inputs.")] = 0,
+    plugin_lib: Annotated[
+        Path | None,
+        typer.Option("--plugin-lib", help="--backend tensorrt: libats_sampler.so (default $ATS_SAMPLER_PLUGIN)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Latency, tokens kept, GFLOPs and parity of ATS vs the dense model, side by side; writes report/.
@@ -452,6 +456,7 @@ def report(
         progress=not as_json,
         seed=seed,
         skip_unreadable=skip_unreadable,
+        plugin_lib=plugin_lib,
     )
     if as_json:
         _print_json(rep.data)

@@ -65,8 +65,13 @@ def _read_file(path: Path, *, trust_pickle: bool) -> object:
         raise wrong_kind(path, "checkpoint", kind)
     import pickle
 
-    import torch
-
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"checkpoint {path} is a PyTorch file and torch is not installed here; install it "
+            "(pip install 'ats-deploy[export]') or pass the checkpoint as .safetensors"
+        ) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:

@@ -190,6 +190,7 @@ def make_factory(
     threads: int = 0,
     fp16: bool = True,
     exported: tuple[ATSConfig, Path, int | None] | None = None,
+    plugin_lib: str | os.PathLike[str] | None = None,
 ) -> tuple[RunnerFactory, dict]:
     """``factory(ats, batch) -> Runner`` for one backend, and a description of it for the report.
 
@@ -229,7 +230,7 @@ def make_factory(
         info = {"name": "onnxruntime", "device": "cpu", "precision": "fp32", "cuda_graphs": False}
         return ort, info
 
-    trt = trt_runner_factory(fp16=fp16)
+    trt = trt_runner_factory(fp16=fp16, plugin_lib=plugin_lib)
 
     def trt_model(ats: ATSConfig, batch: int) -> Runner:
         # ATS models use the plugin form (one fused sampler call per stage: what ships to the Jetson).
@@ -240,7 +241,9 @@ def make_factory(
     return trt_model, info
 
 
-def trt_runner_factory(*, fp16: bool = True) -> Callable[..., Runner]:
+def trt_runner_factory(
+    *, fp16: bool = True, plugin_lib: str | os.PathLike[str] | None = None
+) -> Callable[..., Runner]:
     """``build(onnx_proto, tag, batch) -> Runner``: a TensorRT engine built on this device, in a TrtRunner.
 
     TensorRT is imported only here (through :mod:`ats_deploy.exporters.trt`). Each graph is written with
@@ -248,6 +251,8 @@ def trt_runner_factory(*, fp16: bool = True) -> Callable[..., Runner]:
     :func:`~ats_deploy.exporters.trt.build_engine` (its engine cache makes reruns cheap) and loaded by
     :class:`~ats_deploy.runtime.trt_runner.TrtRunner`. Engines are strongly typed: their precision is the
     ONNX's (float32 here until an fp16 ONNX pass exists; ``fp16`` is accepted for symmetry and unused).
+    ``plugin_lib``: the sampler plugin library the plugin-form (ATS) graphs need (default:
+    $ATS_SAMPLER_PLUGIN).
     """
     try:
         from ..exporters import trt as trt_build
@@ -280,8 +285,9 @@ def trt_runner_factory(*, fp16: bool = True) -> Callable[..., Runner]:
             source={"kind": "report", "tag": tag},
         )
         (d / MANIFEST).write_text(json.dumps(man, indent=2))
-        res = trt_build.build_engine(path)
-        return TrtRunner(res.plan)
+        lib = Path(plugin_lib) if plugin_lib else None
+        res = trt_build.build_engine(path, settings=trt_build.BuildSettings(plugin_lib=lib))
+        return TrtRunner(res.plan, plugin_lib=lib)
 
     return build
 
@@ -601,6 +607,7 @@ def report(
     progress: bool = True,
     seed: int = 0,
     skip_unreadable: bool = False,
+    plugin_lib: str | os.PathLike[str] | None = None,
 ) -> LatencyReport:
     """Measure the export's ATS model against its dense twin on ``backend``; write report.{json,md} + PNGs.
 
@@ -623,6 +630,10 @@ def report(
         raise ConfigError(f"reps {reps} must be >= 1 and warmup {warmup} >= 0")
     if max_slowdown is not None and not max_slowdown > 0:
         raise ConfigError(f"max slowdown {max_slowdown} must be a positive factor such as 1.02")
+    if plugin_lib is not None and backend != "tensorrt":
+        raise ConfigError(f"--plugin-lib is for --backend tensorrt (the {backend} backend runs no plugin); drop it")
+    if plugin_lib is not None and not Path(plugin_lib).is_file():
+        raise InputError(f"plugin library {plugin_lib} does not exist; build it with `ats-deploy plugin build`")
     if backend == "tensorrt":  # engine latency comes from trtexec: refuse before building anything
         from ..runtime.trtexec import find_trtexec
 
@@ -640,7 +651,9 @@ def report(
     onnx_path = export_dir / "model.onnx"
     exported = (ats, onnx_path, man["graph"].get("batch")) if onnx_path.exists() else None
     opset = int(man["graph"].get("opset", 17))
-    factory, info = make_factory(backend, ckpt, opset=opset, threads=threads, fp16=fp16, exported=exported)
+    factory, info = make_factory(
+        backend, ckpt, opset=opset, threads=threads, fp16=fp16, exported=exported, plugin_lib=plugin_lib
+    )
     dense = ATSConfig()
     rows: list[dict] = []
     timer_name = ""

@@ -93,9 +93,14 @@ class TrtRunner(Runner):
         trt = trt_build.import_tensorrt(backend)
         self.trt = trt
         check_engine_compat(self.record, backend=backend, trt_version=str(trt.__version__), gpu=trt_build.gpu_info())
+        # How the library registers its creator: "registry" (a -DATS_SELF_REGISTER=OFF build, TensorRT's
+        # load_library) or "dlopen" (self-registering); trtexec needs the matching flag.
+        self._plugin_how = (self.record.get("plugin") or {}).get("loaded_by")
         if self._plugin_path is not None:
             how = self.record.get("settings", {}).get("plugin_load", "auto")
-            trt_build.load_plugin_library(trt, self._plugin_path, how=how)
+            loaded = trt_build.load_plugin_library(trt, self._plugin_path, how=how)
+            if loaded in ("dlopen", "registry"):  # "already registered": keep the build record's answer
+                self._plugin_how = loaded
         logger = trt_build._make_logger(trt, verbose)
         engine = trt.Runtime(logger).deserialize_cuda_engine(self.plan.read_bytes())
         if engine is None:
@@ -197,7 +202,14 @@ class TrtRunner(Runner):
             shapes = f"{self.input_name}:{batch}x{self.channels}x{self.size}x{self.size}"
         layers = tuple(p["name"] for p in self.record.get("network", {}).get("plugin_layers", []))
         graph = not self.dynamic_outputs  # data-dependent shapes cannot be captured
-        return TrtexecRun(self.plan, self._plugin_path, shapes, cuda_graph=graph, plugin_layers=layers)
+        return TrtexecRun(
+            self.plan,
+            self._plugin_path,
+            shapes,
+            cuda_graph=graph,
+            plugin_layers=layers,
+            plugin_dynamic=self._plugin_how == "registry",
+        )
 
     def close(self) -> None:
         runner, self._runner = getattr(self, "_runner", None), None

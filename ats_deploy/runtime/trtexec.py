@@ -60,15 +60,21 @@ def trtexec_command(
     times_json: str | os.PathLike[str],
     profile_json: str | os.PathLike[str] | None = None,
     plugin_lib: str | os.PathLike[str] | None = None,
+    plugin_dynamic: bool = False,
     shapes: str | None = None,
     cuda_graph: bool = True,
     iterations: int = 100,
     warmup_ms: int = 200,
 ) -> list[str]:
-    """The trtexec command line for one timed run of ``plan`` (a list, for ``subprocess``)."""
+    """The trtexec command line for one timed run of ``plan`` (a list, for ``subprocess``).
+
+    ``plugin_dynamic``: the library is a ``-DATS_SELF_REGISTER=OFF`` build, registered through its
+    ``getCreators`` (``--dynamicPlugins``); otherwise it registers itself when loaded (``--staticPlugins``).
+    """
     cmd = [trtexec, f"--loadEngine={plan}", "--noDataTransfers", "--useSpinWait"]
     cmd += ["--useCudaGraph"] if cuda_graph else []  # data-dependent shapes cannot be captured
-    cmd += [f"--staticPlugins={plugin_lib}"] if plugin_lib else []
+    if plugin_lib:
+        cmd += [f"--{'dynamicPlugins' if plugin_dynamic else 'staticPlugins'}={plugin_lib}"]
     cmd += [f"--shapes={shapes}"] if shapes else []
     cmd += [f"--iterations={iterations}", "--duration=0", f"--warmUp={warmup_ms}", f"--exportTimes={times_json}"]
     if profile_json is not None:
@@ -138,6 +144,7 @@ class TrtexecRun:
     shapes: str | None = None
     cuda_graph: bool = True
     plugin_layers: tuple[str, ...] = ()
+    plugin_dynamic: bool = False  # a -DATS_SELF_REGISTER=OFF library: --dynamicPlugins
 
 
 def _run(cmd: list[str]) -> None:
@@ -169,7 +176,8 @@ def measure_interleaved(
                 last = r == rounds - 1
                 cmd = trtexec_command(
                     exe, run.plan, times_json=times, profile_json=prof if last else None, plugin_lib=run.plugin_lib,
-                    shapes=run.shapes, cuda_graph=run.cuda_graph, iterations=iterations, warmup_ms=warmup_ms,
+                    plugin_dynamic=run.plugin_dynamic, shapes=run.shapes, cuda_graph=run.cuda_graph,
+                    iterations=iterations, warmup_ms=warmup_ms,
                 )  # fmt: skip
                 _run(cmd)
                 out[name]["samples"].extend(parse_times(times).tolist())

@@ -231,7 +231,11 @@ def test_safetensors_load_in_process_when_torch_cannot_be_imported(tmp_path, sd,
 
     path = tmp_path / "w.safetensors"
     save_file({k: v.numpy() for k, v in sd.items()}, str(path))
+    pt = tmp_path / "w.pt"
+    torch.save(sd, pt)
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    with pytest.raises(CheckpointError, match=r"w\.pt is a PyTorch file and torch is not installed here;.*safetensors"):
+        load_checkpoint(pt)  # a .pt needs torch: one line that names the way out, not an ImportError
     ck = load_checkpoint(path, heads=2)
     assert ck.state_dict["head.weight"].dtype == np.float32 and ck.config.num_heads == 2
     for k, v in sd.items():

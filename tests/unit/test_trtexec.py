@@ -73,6 +73,10 @@ def test_command_has_the_reference_flags():
         assert flag in cmd  # fmt: skip
     plain = tx.trtexec_command("trtexec", "m.plan", times_json="t.json", cuda_graph=False, shapes="pixels:4x3x32x32")
     assert "--useCudaGraph" not in plain and "--shapes=pixels:4x3x32x32" in plain and "--exportProfile" not in plain
+    assert not any("Plugins=" in a for a in plain)  # no library: no plugin flag
+    # a -DATS_SELF_REGISTER=OFF build registers through getCreators: trtexec must load it with --dynamicPlugins
+    dyn = tx.trtexec_command("trtexec", "m.plan", times_json="t.json", plugin_lib="lib.so", plugin_dynamic=True)
+    assert "--dynamicPlugins=lib.so" in dyn and not any(a.startswith("--staticPlugins") for a in dyn)
 
 
 @pytest.fixture
@@ -95,6 +99,21 @@ def test_report_backend_tensorrt_refuses_without_trtexec(no_trtexec, tmp_path):
     assert "trtexec not found" in res.output and "Traceback" not in res.output
 
 
+def test_report_plugin_lib_is_checked_before_anything_runs(tmp_path):
+    """`report --plugin-lib` (the library the TensorRT ATS engines need) is refused on other backends and
+    when the file is missing, in one line, before any manifest, engine or trtexec is looked at."""
+    from ats_deploy.cli import app
+
+    lib = tmp_path / "libats_sampler.so"
+    lib.write_bytes(b"")
+    res = CliRunner().invoke(app, ["report", str(tmp_path), "--backend", "onnxruntime", "--plugin-lib", str(lib)])
+    assert res.exit_code == 1 and "--plugin-lib is for --backend tensorrt" in res.output
+    missing = tmp_path / "nope.so"
+    res = CliRunner().invoke(app, ["report", str(tmp_path), "--backend", "tensorrt", "--plugin-lib", str(missing)])
+    assert res.exit_code == 1 and f"plugin library {missing} does not exist" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
 FAKE = """#!{python}
 # Stand-in for trtexec: writes --exportTimes/--exportProfile files in trtexec's format and logs its calls.
 import json, sys
@@ -102,6 +121,10 @@ args = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "") for a in sys.argv[1
 plan = args["loadEngine"]
 with open({log!r}, "a") as fh:
     fh.write(plan + "\\n")
+if "dynamicPlugins" in args or "staticPlugins" in args:
+    with open({log!r} + ".plugins", "a") as fh:
+        kind = "dynamic" if "dynamicPlugins" in args else "static"
+        fh.write(" ".join([plan, kind, args[kind + "Plugins"]]) + "\\n")
 ms = 0.3 if "ats" in plan else 0.6
 n = int(args["iterations"])
 json.dump([{{"computeMs": ms + i * 1e-3, "latencyMs": ms}} for i in range(n)], open(args["exportTimes"], "w"))
@@ -124,6 +147,15 @@ def test_interleaved_measurement_with_a_stand_in_trtexec(tmp_path, monkeypatch):
     assert len(out["ats"]["samples"]) == 12 and max(out["ats"]["samples"]) < min(out["dense"]["samples"])
     assert out["ats"]["profile"]["plugin_ms"] == pytest.approx(0.1)
     assert out["dense"]["profile"]["plugin_ms"] == 0.0
+    assert not (tmp_path / "calls.log.plugins").exists()
+    # plugin libraries reach trtexec with the flag their build needs
+    runs = {
+        "self": tx.TrtexecRun(Path("ats1.plan"), plugin_lib=Path("a.so")),
+        "registry": tx.TrtexecRun(Path("ats2.plan"), plugin_lib=Path("b.so"), plugin_dynamic=True),
+    }
+    tx.measure_interleaved(runs, rounds=1, iterations=2)
+    got = (tmp_path / "calls.log.plugins").read_text().splitlines()
+    assert got == ["ats1.plan static a.so", "ats2.plan dynamic b.so"]
 
 
 def test_a_failing_trtexec_is_one_line(tmp_path, monkeypatch):
