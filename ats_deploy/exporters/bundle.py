@@ -194,12 +194,13 @@ def render_readme(man: dict, forms: list[dict], contents: list[str], wheel: str 
         lines += _fenced(
             f"{label} (Python {py}, CUDA {cuda_v}, TensorRT {trt_v}):",
             f"python{py} -m venv --system-site-packages ~/ats-venv",
-            f"~/ats-venv/bin/pip install {wheel}",
+            f"~/ats-venv/bin/pip install {wheel} 'numpy<2'",
             ". ~/ats-venv/bin/activate",
         )
     lines += [
-        f"`python{JETPACKS[0][6]} -c 'import tensorrt; print(tensorrt.__version__)'` must print the TensorRT of "
-        "the table: a virtual environment made from another Python does not see JetPack's bindings.",
+        "`~/ats-venv/bin/python -c 'import tensorrt; print(tensorrt.__version__)'` must print the TensorRT of the",
+        "table: a virtual environment made from another Python does not see JetPack's bindings. `numpy<2` keeps",
+        "the NumPy 1.x ABI that JetPack's system packages (OpenCV, TensorRT samples) were built against.",
         "",
     ]
     if has_plugin:
@@ -246,9 +247,11 @@ def render_readme(man: dict, forms: list[dict], contents: list[str], wheel: str 
             "```",
             "",
             f"The same check with NVIDIA's Polygraphy alone, from the same data (`{INPUTS_FILE}`, `{OUTPUTS_FILE}`):",
-            "the ONNX file on TensorRT (with the plugin library) or on ONNX Runtime. Polygraphy compares kept",
-            "tokens exactly, so an image whose pick sits on a decision boundary (docs/ATS_RULE.md section 2 of",
-            "ats-deploy) can fail there and still pass `ats-deploy verify`, which reports such images separately.",
+            "the ONNX file on TensorRT (with the plugin library) or on ONNX Runtime (`--onnxrt`, which needs",
+            "`~/ats-venv/bin/pip install onnxruntime` first: it is not part of the device install). Polygraphy",
+            "compares kept tokens exactly, so an image whose pick sits on a decision boundary (docs/ATS_RULE.md",
+            "section 2 of ats-deploy) can fail there and still pass `ats-deploy verify`, which reports such images",
+            "separately.",
             "",
             "```",
         ]
@@ -311,11 +314,22 @@ def project_wheel(work: Path) -> Path:
             f"no ats-deploy source tree beside {Path(__file__).resolve().parents[1]} to build the bundle's wheel "
             f"from; set {WHEEL_ENV}=path/to/ats_deploy-*.whl (pip download or pip wheel ats-deploy)"
         )
+    import shutil
     import subprocess
     import sys
+    import tempfile
 
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(work), str(root)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # Built from a fresh copy of what the wheel holds: setuptools reuses the tree's build/lib without
+    # cleaning it, so a module deleted from the source would otherwise keep shipping to devices.
+    with tempfile.TemporaryDirectory(prefix="ats-wheel-") as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy2(root / name, src / name)
+        skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+        shutil.copytree(root / "ats_deploy", src / "ats_deploy", ignore=skip)  # symlinked plugin sources copied
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(work)]
+        res = subprocess.run([*cmd, str(src)], capture_output=True, text=True, check=False)
     wheels = sorted(work.glob("ats_deploy-*.whl"))
     if res.returncode != 0 or not wheels:
         tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]

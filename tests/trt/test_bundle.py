@@ -98,8 +98,12 @@ def test_readme_targets_both_jetpacks(bundle):
         "--shapes=pixels:1x3x32x32",
         "--batch 1,1,16",
         "--precision fp32",
+        "~/ats-venv/bin/python -c 'import tensorrt",  # the venv's Python, whichever JetPack
+        "~/ats-venv/bin/pip install onnxruntime",  # before polygraphy --onnxrt: not in the device install
+        "'numpy<2'",
     ):
         assert text in readme, text
+    assert "python3.10 -c" not in readme and "python3.12 -c" not in readme
 
 
 def test_readme_command_lines_parse(bundle):
@@ -174,3 +178,30 @@ def test_bundle_wheel_from_the_environment(tmp_path, monkeypatch):
     whl.write_bytes(b"PK")
     monkeypatch.setenv(WHEEL_ENV, str(whl))
     assert project_wheel(tmp_path) == whl
+
+
+def test_bundle_wheel_holds_the_source_package_and_nothing_stale(tmp_path, monkeypatch):
+    """The wheel is built from a fresh copy: a file left in the tree's build/lib (setuptools reuses it, so a
+    module deleted from the source used to keep shipping) is not in it, and every module of the source is."""
+    import zipfile
+    from pathlib import Path
+
+    import ats_deploy
+    from ats_deploy.exporters.bundle import WHEEL_ENV, project_wheel
+
+    monkeypatch.delenv(WHEEL_ENV, raising=False)
+    pkg = Path(ats_deploy.__file__).resolve().parent
+    stale = pkg.parent / "build" / "lib" / "ats_deploy" / "_stale_probe_module.py"
+    made = not stale.exists()
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text("raise ImportError('deleted from the source')\n")
+    try:
+        whl = project_wheel(tmp_path)
+    finally:
+        if made:
+            stale.unlink()
+    with zipfile.ZipFile(whl) as z:
+        shipped = {n for n in z.namelist() if n.startswith("ats_deploy/") and n.endswith(".py")}
+    source = {f"ats_deploy/{p.relative_to(pkg).as_posix()}" for p in pkg.rglob("*.py") if "__pycache__" not in p.parts}
+    assert "ats_deploy/_stale_probe_module.py" not in shipped
+    assert shipped == source
