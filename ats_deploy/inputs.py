@@ -144,8 +144,14 @@ def load_npy(path: Path, pre: Preprocess) -> np.ndarray:
     """A preprocessed array [N, C, H, W] or [C, H, W] from ``path``."""
     try:
         arr = np.load(path, allow_pickle=False)
+    except EOFError:  # an empty or truncated file
+        raise InputError(f"{path} is empty or truncated; save the array again with numpy.save") from None
     except (ValueError, OSError) as exc:
-        raise InputError(f"cannot read {path} as a .npy array ({str(exc)[:80]}); save it with numpy.save") from None
+        reason = "it holds pickled objects" if "allow_pickle" in str(exc) else str(exc)[:80]
+        raise InputError(f"cannot read {path} as a .npy array ({reason}); save it with numpy.save") from None
+    if not isinstance(arr, np.ndarray):  # a .npz archive under a .npy name
+        arr.close()
+        raise InputError(f"{path} is a .npz archive, not a .npy array; save one array with numpy.save")
     if arr.ndim == 3:
         arr = arr[None]
     want = (pre.channels, pre.size, pre.size)

@@ -492,8 +492,9 @@ def _parity(
         npz = export_dir / "reference.npz"
         if not npz.exists():
             return {"reference": None, "skipped": "no reference: torch and reference.npz are absent"}
-        with np.load(npz, allow_pickle=False) as z:
-            ref = {k: z[k] for k in z.files}
+        from ..runtime.verify import load_reference
+
+        ref = load_reference(npz)
         label, x = "reference.npz (PyTorch outputs saved at export)", ref.pop("pixels")
     runner = factory(ats, batch or len(x))
     try:

@@ -50,9 +50,18 @@ def load_reference(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     if not p.is_file():
         raise InputError(f"reference file {p} does not exist; pass the reference.npz written by ats-deploy export")
     try:
-        with np.load(p, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
+        z = np.load(p, allow_pickle=False)
+    except EOFError:
+        raise InputError(f"{p} is empty or truncated; pass the reference.npz written by ats-deploy export") from None
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        reason = "it holds pickled objects" if "allow_pickle" in str(exc) else exc
+        raise InputError(f"{p} is not a readable .npz file ({reason}); re-run ats-deploy export") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):  # a .npy array, not an archive of named arrays
+        raise InputError(f"{p} is a single .npy array; pass the reference.npz written by ats-deploy export")
+    try:
+        with z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(f"{p} is not a readable .npz file ({exc}); re-run ats-deploy export") from None
     if "pixels" not in data or "logits" not in data:
         raise InputError(f"{p} has no pixels/logits arrays; pass the reference.npz written by ats-deploy export")

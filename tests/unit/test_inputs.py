@@ -48,3 +48,52 @@ def test_default_inputs_are_heldout_shapes_for_the_demo_model_only():
     for source in (None, {"kind": "checkpoint", "path": "m.pt"}, {"kind": "embedded", "seed": 1}):
         x, label = default_inputs(source, 2, PRE, seed=4)
         assert np.array_equal(x, random_inputs(2, PRE, seed=4)) and "random" in label
+
+
+def _npy_cases(tmp_path):
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.savez(tmp_path / "z.npz", a=np.zeros(3))
+    (tmp_path / "archive.npy").write_bytes((tmp_path / "z.npz").read_bytes())
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return {
+        "empty.npy": "empty.npy is empty or truncated; save the array again with numpy.save",
+        "archive.npy": "archive.npy is a .npz archive, not a .npy array; save one array with numpy.save",
+        "objects.npy": "cannot read {d}/objects.npy as a .npy array (it holds pickled objects); "
+        "save it with numpy.save",
+    }
+
+
+def test_unreadable_npy_inputs_are_one_line_errors(tmp_path):
+    """An empty file (numpy raises EOFError, which the CLI framework turned into a bare 'Aborted!'), a .npz
+    under a .npy name and a pickled object array each get their own line naming the fix."""
+    for name, want in _npy_cases(tmp_path).items():
+        with pytest.raises(InputError) as err:
+            load_inputs(tmp_path / name, PRE)
+        assert str(err.value).endswith(want.format(d=tmp_path)), str(err.value)
+
+
+def test_unreadable_npy_input_through_the_cli_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from ats_deploy.cli import app
+
+    _npy_cases(tmp_path)
+    res = CliRunner().invoke(app, ["tokens", "--input", str(tmp_path / "empty.npy")])
+    assert res.exit_code == 1 and "Aborted" not in res.output
+    want = f"error: {tmp_path / 'empty.npy'} is empty or truncated; save the array again with numpy.save"
+    assert res.output.strip() == want
+
+
+def test_bad_reference_files_are_one_line_errors(tmp_path):
+    from ats_deploy.runtime.verify import load_reference
+
+    (tmp_path / "empty.npz").write_bytes(b"")
+    np.save(tmp_path / "one.npy", np.zeros(3, np.float32))
+    cases = {
+        "empty.npz": "is empty or truncated; pass the reference.npz written by ats-deploy export",
+        "one.npy": "is a single .npy array; pass the reference.npz written by ats-deploy export",
+    }
+    for name, want in cases.items():
+        with pytest.raises(InputError) as err:
+            load_reference(tmp_path / name)
+        assert str(err.value) == f"{tmp_path / name} {want}"
