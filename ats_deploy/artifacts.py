@@ -208,7 +208,9 @@ class AtomicWriter:
     """Collects files under temporary names in ``directory``; ``commit()`` renames them all into place.
 
     On an error (or Ctrl-C) the temporary files are removed, and so is ``directory`` when this writer
-    created it and it is still empty: an interrupted run leaves nothing behind.
+    created it and it is still empty: an interrupted run leaves nothing behind. ``commit()`` moves the
+    files it replaces aside first and puts them back if a rename fails, so the directory holds either the
+    old set or the new one; files named with :meth:`remove` disappear with the same guarantee.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -224,6 +226,11 @@ class AtomicWriter:
                 f"output directory {self.dir} is not writable ({exc.strerror}); choose another with -o"
             ) from None
         self._pending: list[tuple[Path, Path]] = []
+        self._remove: list[Path] = []
+
+    def remove(self, name: str) -> None:
+        """Delete ``directory/name`` (if there) on commit, e.g. an artifact of an earlier export."""
+        self._remove.append(self.dir / name)
 
     def path(self, name: str) -> Path:
         """A temporary path to write ``name`` to; it becomes ``directory/name`` on commit."""
@@ -232,18 +239,51 @@ class AtomicWriter:
         return tmp
 
     def commit(self) -> None:
+        moves: list[tuple[Path, Path]] = []
         for tmp, final in self._pending:
-            os.replace(tmp, final)
+            moves.append((tmp, final))
             side = tmp.with_name(tmp.name + ".data")
             if side.exists():
-                os.replace(side, final.with_name(final.name + ".data"))
+                moves.append((side, final.with_name(final.name + ".data")))
+        for _, final in moves:
+            if final.is_dir() and not final.is_symlink():
+                self.abort()
+                raise ExportError(
+                    f"{final} is a directory where a file is to be written; move it away or choose another -o"
+                )
+        targets = [final for _, final in moves]
+        gone = [p for p in self._remove if p not in targets and (p.is_file() or p.is_symlink())]
+        backups: list[tuple[Path, Path]] = []
+        placed: list[Path] = []
+        try:
+            for final in targets + gone:  # everything this commit replaces or removes moves aside first
+                if final.is_file() or final.is_symlink():
+                    bak = final.with_name(f".{final.name}.bak-{os.getpid()}")
+                    os.replace(final, bak)
+                    backups.append((bak, final))
+            for tmp, final in moves:
+                os.replace(tmp, final)
+                placed.append(final)
+        except OSError as exc:
+            for final in placed:
+                final.unlink(missing_ok=True)
+            for bak, final in backups:
+                os.replace(bak, final)
+            self.abort()
+            raise ExportError(
+                f"cannot write {exc.filename or self.dir} ({exc.strerror}); nothing in {self.dir} was changed"
+            ) from None
+        for bak, _ in backups:
+            bak.unlink(missing_ok=True)
         self._pending.clear()
+        self._remove.clear()
 
     def abort(self) -> None:
         for tmp, _ in self._pending:
             for p in (tmp, tmp.with_name(tmp.name + ".data")):
                 p.unlink(missing_ok=True)
         self._pending.clear()
+        self._remove.clear()
         if self._created:
             try:
                 self.dir.rmdir()  # only succeeds when empty: never removes anything but what we made

@@ -151,6 +151,16 @@ def export(
 
     if precision == "int8" and calib_data is None:
         raise ConfigError("--precision int8 needs --calib-data (a folder of images or .npy arrays, 100+ samples)")
+    if calib_data is not None and precision != "int8":
+        raise ConfigError(f"--calib-data is for --precision int8 (this export is {precision}); add it or drop the data")
+    if calib_data is not None:  # before the export replaces anything in OUT
+        from .inputs import check_input_source
+
+        check_input_source(calib_data)
+    if inputs is not None:
+        from .inputs import check_input_source
+
+        check_input_source(inputs)
     ck, source = _load(model, trust_pickle=trust_pickle, heads=heads)
     ats = _ats(ck.config, ats_blocks, max_k, shape)
     opts = GraphOptions(batch=batch, dynamic_batch=dynamic_batch, sampler=sampler, opset=opset)  # type: ignore[arg-type]
@@ -177,6 +187,11 @@ def export(
             out, calib_data, method=calib_method, progress=not as_json, skip_unreadable=skip_unreadable
         )
         extra.update(written)
+    if res.removed:
+        typer.echo(
+            f"note: removed {', '.join(res.removed)} of the previous export in {res.out_dir} (not part of this one)",
+            err=True,
+        )
     hint = static_hint(ck.config, ats)
     if hint:
         typer.echo(hint, err=True)

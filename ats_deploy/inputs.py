@@ -168,21 +168,37 @@ def load_npy(path: Path, pre: Preprocess) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+def _parse_shapes(spec: str) -> tuple[str, int]:
+    """``shapes:heldout:N`` / ``shapes:train:N`` / ``shapes:N`` -> (split, N); InputError when malformed."""
+    parts = spec[len(SHAPES_PREFIX) :].split(":")
+    split, count = ("heldout", parts[0]) if len(parts) == 1 else (parts[0], parts[-1])
+    if len(parts) > 2 or split not in ("heldout", "train") or not count.isdigit() or int(count) < 1:
+        raise InputError(f"bad input spec {spec!r}; write shapes:heldout:N or shapes:train:N with N >= 1")
+    return split, int(count)
+
+
 def load_shapes(spec: str, pre: Preprocess, *, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
     """``shapes:heldout:N`` / ``shapes:train:N`` / ``shapes:N`` (held-out) -> N demo images, preprocessed."""
     from .demo.shapes import HELDOUT_SEED, TRAIN_SEED, ShapesDataset
 
-    parts = spec[len(SHAPES_PREFIX) :].split(":")
-    split, count = ("heldout", parts[0]) if len(parts) == 1 else (parts[0], parts[-1])
+    split, count = _parse_shapes(spec)
     seeds = {"heldout": HELDOUT_SEED, "train": TRAIN_SEED}
-    if len(parts) > 2 or split not in seeds or not count.isdigit() or int(count) < 1:
-        raise InputError(f"bad input spec {spec!r}; write shapes:heldout:N or shapes:train:N with N >= 1")
     if pre.channels != 3:
         raise InputError(f"{spec} gives RGB images but the graph takes {pre.channels} channels; pass your own data")
-    n = min(int(count), limit) if limit else int(count)
+    n = min(count, limit) if limit else count
     ds = ShapesDataset(seeds[split], n, pre.size, mean=pre.mean, std=pre.std)
     x, _ = ds.batch(0, n)
     return x, [f"shapes:{split}[{i}]" for i in range(n)]
+
+
+def check_input_source(path: str | Path) -> None:
+    """Refuse a missing input path or a malformed ``shapes:`` spec before any work (the checks of
+    :func:`load_inputs` that need no preprocessing settings)."""
+    if str(path).startswith(SHAPES_PREFIX) and not Path(path).exists():
+        _parse_shapes(str(path))
+        return
+    if not Path(path).exists():
+        raise InputError(f"input {path} does not exist; pass an image folder, a .npy file or a folder of .npy files")
 
 
 def load_inputs(
@@ -192,9 +208,8 @@ def load_inputs(
     ``shapes:...`` spec (generated demo images). Unreadable images: see :func:`load_images`."""
     if str(path).startswith(SHAPES_PREFIX) and not Path(path).exists():
         return load_shapes(str(path), pre, limit=limit)
+    check_input_source(path)
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"input {p} does not exist; pass an image folder, a .npy file or a folder of .npy files")
     if p.is_file():
         if p.suffix == ".npy":
             arr = load_npy(p, pre)

@@ -72,6 +72,26 @@ class ExportResult:
     parity: ParityResult | None = None
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    # Files of an earlier export in the same directory that this one does not write (removed with the commit).
+    removed: list[str] = field(default_factory=list)
+
+
+def previous_artifacts(out_dir: Path) -> set[str]:
+    """Names the manifest already in ``out_dir`` lists (artifacts, their external-data files and the
+    precision passes' caches): what an export into ``out_dir`` replaces. Empty without a readable manifest."""
+    try:
+        man = json.loads((Path(out_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(man, dict) or man.get("format") != FORMAT:
+        return set()
+    names = {n for n in (man.get("artifacts") or {}) if isinstance(n, str)}
+    for entry in (man.get("precisions") or {}).values():
+        if isinstance(entry, dict) and isinstance(entry.get("cache"), str):
+            names.add(entry["cache"])
+    names |= {n + ".data" for n in names}
+    # Only plain names inside the directory: a hand-edited manifest must not reach anything else.
+    return {n for n in names if n and Path(n).name == n and n not in (".", "..", MANIFEST)}
 
 
 def _reference_inputs(
@@ -113,6 +133,9 @@ def export_model(
 
     ``parity_count`` random inputs (or the ``inputs`` folder/array) are run through PyTorch and ONNX
     Runtime; the comparison is returned (gating is the caller's decision). ``parity_count=0`` skips it.
+    Files an earlier export in ``out_dir`` listed in its manifest and this one does not write (e.g. its
+    plugin form, fp16/int8 graphs, reference outputs) are removed in the same commit, so every file an
+    export directory holds belongs to its manifest.
     """
     t0 = time.perf_counter()
     opts = opts or GraphOptions()
@@ -171,7 +194,11 @@ def export_model(
             manifest["parity"] = {"backend": "onnxruntime", "reference": "torch", **parity.to_dict()}
         p_man = w.path(MANIFEST)
         p_man.write_text(json.dumps(manifest, indent=2, default=json_default) + "\n")
-    return ExportResult(Path(out_dir), files, manifest, parity, time.perf_counter() - t0)
+        written = set(files) | {n + ".data" for n in files} | {MANIFEST}
+        removed = sorted(n for n in previous_artifacts(Path(out_dir)) - written if (Path(out_dir) / n).is_file())
+        for name in removed:
+            w.remove(name)
+    return ExportResult(Path(out_dir), files, manifest, parity, time.perf_counter() - t0, removed=removed)
 
 
 def _check(model) -> None:
