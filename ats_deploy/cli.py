@@ -38,7 +38,9 @@ app.add_typer(plugin_app, name="plugin")
 TrustOpt = Annotated[
     bool, typer.Option("--trust-pickle", help="Allow unpickling arbitrary objects (runs code from the file).")
 ]
-HeadsOpt = Annotated[int | None, typer.Option("--heads", help="Attention heads (default: embed_dim // 64).")]
+HeadsOpt = Annotated[
+    int | None, typer.Option("--heads", min=1, help="Attention heads (default: embed_dim // 64).")
+]
 MaxKOpt = Annotated[
     str | None,
     typer.Option("--max-k", help="K per ATS block (CLS included): one integer or a comma list (default: token count)."),
@@ -93,15 +95,26 @@ def _load(model: Path | None, *, trust_pickle: bool, heads: int | None):
     from .model.checkpoints import load_checkpoint
 
     if model is None:
-        return _embedded_default()
+        ck, source = _embedded_default()
+        if heads is not None and heads != ck.config.num_heads:
+            from .errors import ConfigError
+
+            raise ConfigError(
+                f"--heads {heads} applies to a checkpoint file; the embedded default model has "
+                f"{ck.config.num_heads} heads: pass your checkpoint or drop --heads"
+            )
+        return ck, source
     ck = load_checkpoint(model, trust_pickle=trust_pickle, heads=heads)
     return ck, {"kind": "checkpoint", "path": str(Path(model).resolve()), "sha256": sha256_file(model)}
 
 
 def _ats(cfg, ats_blocks: str | None, max_k: str | None, shape: str):
+    from .errors import ConfigError
     from .model.config import resolve_ats
 
-    if ats_blocks is not None and ats_blocks.strip().lower() in ("none", "dense", ""):
+    if ats_blocks is not None and ats_blocks.strip().lower() in ("none", "dense"):
+        if max_k is not None:
+            raise ConfigError(f"--max-k {max_k} has no ATS block to apply to with --ats-blocks {ats_blocks}; drop one")
         return resolve_ats(cfg, blocks=(), shape_mode=shape)
     return resolve_ats(cfg, blocks=ats_blocks, max_k=max_k, shape_mode=shape)
 

@@ -177,6 +177,8 @@ def infer_config(sd: dict[str, np.ndarray], *, heads: int | None = None, source:
             f"{source}: pos_embed has {tokens} tokens, not {prefix} prefix token(s) plus a square patch grid"
         )
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
+        raise ConfigError(f"--heads {heads} must be a positive integer (a divisor of the embed dim {c})")
     num_heads = heads if heads is not None else max(c // 64, 1)
     if c % num_heads:
         raise ConfigError(f"embed dim {c} is not divisible by {num_heads} heads; pass --heads with a divisor of {c}")

@@ -121,17 +121,22 @@ def parse_int_list(
     if isinstance(text, (list, tuple)):
         return tuple(int(t) for t in text)
     out: list[int] = []
+    bad = ConfigError(f"{what} {text!r} is not a comma list of integers; write it like {example}")
     for part in str(text).replace(" ", "").split(","):
         if not part:
             continue
         try:
             if "-" in part[1:]:
                 lo, hi = part.split("-", 1)
+                if int(hi) < int(lo):
+                    raise ConfigError(f"{what} range {part!r} runs backwards; write it low to high like {example}")
                 out.extend(range(int(lo), int(hi) + 1))
             else:
                 out.append(int(part))
         except ValueError:
-            raise ConfigError(f"{what} {text!r} is not a comma list of integers; write it like {example}") from None
+            raise bad from None
+    if not out:  # "", "," or ",,": an empty list is never what was meant
+        raise bad
     return tuple(out)
 
 
