@@ -400,6 +400,8 @@ def convert(
     out: Annotated[Path, typer.Option("-o", "--out", help="Where to write the portable-form ONNX.")],
 ) -> None:
     """Expand AdaptiveTokenSampler plugin nodes into standard ONNX ops (runs in ONNX Runtime)."""
+    import json
+
     import onnx
 
     from .artifacts import AtomicWriter, save_onnx
@@ -416,10 +418,24 @@ def convert(
         raise InputError(
             f"{model} does not exist; pass a plugin-form ONNX written by ats-deploy export --sampler plugin"
         )
+    if out.is_dir():
+        raise InputError(f"-o {out} is a directory; pass the file to write, e.g. {out / 'model.portable.onnx'}")
+    if out.resolve() == model.resolve():
+        raise InputError(f"-o {out} is the input itself; write the portable form to another file")
+    try:
+        listed = json.loads((out.parent / "manifest.json").read_text()).get("artifacts") or {}
+    except (OSError, ValueError, AttributeError):
+        listed = {}
+    if out.name in listed:
+        raise InputError(
+            f"-o {out} is an artifact of the export in {out.parent} (listed in its manifest); write elsewhere"
+        )
     try:
         src = onnx.load(str(model))
     except Exception as exc:  # protobuf raises DecodeError and others on garbage
         raise InputError(f"{model} is not a readable ONNX file ({type(exc).__name__}); re-export it") from None
+    if not src.graph.node:  # an empty file parses as an empty model
+        raise InputError(f"{model} holds no ONNX graph (empty or not an ONNX file); pass model.plugin.onnx")
     converted = plugin_to_portable(src)
     with AtomicWriter(out.parent if str(out.parent) else Path(".")) as w:
         save_onnx(converted, w.path(out.name))

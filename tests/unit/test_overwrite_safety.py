@@ -111,3 +111,25 @@ def test_a_commit_replaces_and_removes(tmp_path):
         w.remove("stale.onnx")
     assert {p.name for p in d.iterdir()} == {"a.onnx", "b.json"}
     assert (d / "a.onnx").read_text() == "new" and (d / "b.json").read_text() == "old b.json"
+
+
+def test_convert_never_writes_over_its_input_or_an_export_artifact(tiny_st, tmp_path):
+    out = tmp_path / "exp"
+    assert _export(tiny_st, out, "--sampler", "plugin").exit_code == 0
+    plug = out / "model.plugin.onnx"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    cases = [
+        ([str(plug), "-o", str(plug)], f"error: -o {plug} is the input itself; write the portable form"),
+        ([str(plug), "-o", str(out / "model.onnx")], f"error: -o {out / 'model.onnx'} is an artifact of the export"),
+        ([str(plug), "-o", str(tmp_path / "adir")], f"error: -o {tmp_path / 'adir'} is a directory; pass the file"),
+        ([str(tmp_path / "empty.onnx"), "-o", str(tmp_path / "x.onnx")], "holds no ONNX graph (empty or not an ONNX"),
+    ]
+    for args, msg in cases:
+        res = runner.invoke(app, ["convert", *args])
+        assert res.exit_code == 1 and msg in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert list((tmp_path / "adir").iterdir()) == [] and not (tmp_path / "x.onnx").exists()
+    res = runner.invoke(app, ["convert", str(plug), "-o", str(out / "portable.onnx")])  # a new name: fine
+    assert res.exit_code == 0 and (out / "portable.onnx").is_file()
