@@ -54,7 +54,12 @@ KIND_NAMES = {
     "unknown": "a file of unknown kind",
 }
 _CHECKPOINT_KINDS = ("safetensors", "torch-zip", "pickle")
-_WANT_NAMES = {"export-dir": "an export directory", "checkpoint": "a checkpoint", "plan": "a TensorRT engine"}
+_WANT_NAMES = {
+    "export-dir": "an export directory",
+    "checkpoint": "a checkpoint",
+    "plan": "a TensorRT engine",
+    "onnx": "an exported ONNX graph",
+}
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -165,6 +170,12 @@ def _instead(kind: str, path: Path, want: str) -> str:
         if kind == "onnx":
             return f"this is ONNX: build an engine first with ats-deploy build {path}, then verify the .plan"
         return "pass the .plan written by ats-deploy build"
+    if want == "onnx":
+        if kind == "export-dir":
+            return f"pass one of its ONNX files, e.g. {path / 'model.onnx'}"
+        if kind in _CHECKPOINT_KINDS:
+            return f"export it first: ats-deploy export {path} -o out/, then build out/model.onnx"
+        return "pass a .onnx written by ats-deploy export"
     return f"pass {want}"
 
 
@@ -178,11 +189,22 @@ def wrong_kind(path: str | os.PathLike[str], want: str, kind: str | None = None)
     return InputError(f"{p} is {what}, not {wanted}; {_instead(kind, p, want)}")
 
 
-def read_manifest(out_dir: str | os.PathLike[str]) -> dict:
-    """The manifest of an export directory, with a one-line error when it is missing, not ours, or not a
-    directory at all (a checkpoint, an ONNX file...: then it says what to pass instead)."""
+# Sections every command reads from a manifest (each a JSON object).
+MANIFEST_SECTIONS = ("model", "ats", "graph", "preprocessing", "artifacts")
+
+
+def read_manifest(
+    out_dir: str | os.PathLike[str], *, allow_file: bool = False, sections: tuple[str, ...] = MANIFEST_SECTIONS
+) -> dict:
+    """The manifest of an export directory, with a one-line error when it is missing, not ours, lacks a
+    section, or is not a directory at all (a checkpoint, an ONNX file...: then it says what to pass
+    instead). ``allow_file``: ``out_dir`` may be the manifest file itself (commands that take an export
+    directory refuse it, as they read the other files next to it). ``sections``: those that must be there
+    (``build`` needs only the artifact hashes; the other sections are copied into its record as found)."""
     p = Path(out_dir)
     if p.is_file() and p.name == MANIFEST:
+        if not allow_file:
+            raise InputError(f"{p} is the manifest; pass its export directory {p.parent} instead")
         man = p
     else:
         kind = file_kind(p)
@@ -201,6 +223,10 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> dict:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         got = data.get("format") if isinstance(data, dict) else None
         raise InputError(f"{man} is not an ats-deploy manifest (format {got!r}); re-run ats-deploy export")
+    bad = [s for s in sections if not isinstance(data.get(s), dict)]
+    if bad or ("model" in sections and not isinstance(data["model"].get("architecture"), dict)):
+        what = ", ".join(bad) or "model.architecture"
+        raise InputError(f"{man} lacks {what} (edited or truncated); re-run ats-deploy export to rewrite it")
     return data
 
 

@@ -288,6 +288,7 @@ def parity(
         seed=seed,
         skip_unreadable=skip_unreadable,
         progress=not as_json,
+        form=form,
     )
     if as_json:
         _print_json({**info, **res.to_dict()})

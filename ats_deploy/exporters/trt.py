@@ -405,10 +405,10 @@ def _read_manifest(onnx_path: Path, manifest: str | os.PathLike[str] | None) -> 
         p = p / MANIFEST
     if not p.is_file():
         raise InputError(
-            f"{onnx_path.name} has no {MANIFEST} beside it ({p}); build from the directory written by "
-            "ats-deploy export (or pass manifest=)"
+            f"{onnx_path.name} has no {MANIFEST} beside it ({p}); build the ONNX inside the directory written "
+            "by ats-deploy export, with its manifest next to it"
         )
-    return p, read_manifest(p)
+    return p, read_manifest(p, allow_file=True, sections=("artifacts",))
 
 
 def _manifest_facts(onnx_path: Path, man_path: Path, man: dict) -> dict:
@@ -441,6 +441,8 @@ def record_path(plan: str | os.PathLike[str]) -> Path:
 def read_record(plan: str | os.PathLike[str], *, check_plan: bool = True) -> dict:
     """The build record of ``plan`` (InputError when missing/unreadable, or when the plan was changed)."""
     p = Path(plan)
+    if p.is_dir():
+        raise InputError(f"{p} is a directory, not a TensorRT engine; pass the .plan written by ats-deploy build")
     if not p.is_file():
         raise InputError(f"engine {p} does not exist; build it with ats-deploy build")
     kind = file_kind(p)
@@ -654,8 +656,11 @@ def build_engine(
     settings = settings or BuildSettings()
     backend = resolve_backend(settings.backend)
     onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
+    kind = file_kind(onnx_path)
+    if kind == "missing":
         raise InputError(f"ONNX file {onnx_path} does not exist; run ats-deploy export first")
+    if kind != "onnx":
+        raise wrong_kind(onnx_path, "onnx", kind)
     plan = Path(output) if output is not None else onnx_path.with_suffix(".plan")
     man_path, man = _read_manifest(onnx_path, manifest)
     onnx_sha = _onnx_digest(onnx_path)

@@ -24,6 +24,7 @@ also fail when fewer than half of the images are left to judge.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -295,9 +296,11 @@ def run_parity(
     seed: int = 1,
     skip_unreadable: bool = False,
     progress: bool = False,
+    form: str = "portable",
 ) -> tuple[ParityResult, dict]:
     """PyTorch vs ONNX Runtime on an export directory (default inputs unless ``inputs`` is given), both
-    in chunks of the graph's batch."""
+    in chunks of the graph's batch. ``form`` "plugin" checks ``model.plugin.onnx``, its sampler nodes
+    expanded into standard ops (what ``ats-deploy convert`` writes) so ONNX Runtime can run it."""
     from ..exported import checked_artifact, load_export_setup
     from ..progress import progress_bar
     from ..runtime.ort_runner import OrtRunner
@@ -311,12 +314,22 @@ def run_parity(
         trust_pickle=trust_pickle,
         skip_unreadable=skip_unreadable,
     )
-    onnx_path = checked_artifact(out_dir, "model.onnx", st.manifest)
+    name = "model.plugin.onnx" if form == "plugin" else "model.onnx"
+    if name not in (st.manifest.get("artifacts") or {}):
+        raise InputError(f"{out_dir} has no plugin form ({name}); export with --sampler plugin or drop --form plugin")
+    onnx_path = checked_artifact(out_dir, name, st.manifest)
+    src: Path | bytes = onnx_path
+    if form == "plugin":
+        import onnx
+
+        from ..exporters.convert import plugin_to_portable
+
+        src = plugin_to_portable(onnx.load(str(onnx_path))).SerializeToString()
     n = len(st.pixels)
     with progress_bar(progress, 2 * n, f"parity: PyTorch on {n} inputs") as advance:
         ref = reference_outputs(st.checkpoint, st.ats, st.pixels, batch=st.batch, advance=advance)
         advance(0, description=f"parity: ONNX Runtime on {n} inputs")
-        with OrtRunner(onnx_path) as orr:
+        with OrtRunner(src) as orr:
             got = run_chunks(orr, st.pixels, st.batch, advance=advance)
     res = compare_outputs(ref, got, blocks=st.ats.blocks, prefix_tokens=st.prefix_tokens, labels=st.labels)
     return res, {"inputs": st.label, "backend": "onnxruntime", "reference": "torch", "onnx": str(onnx_path)}

@@ -47,6 +47,9 @@ class VerifyResult:
 def load_reference(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """The arrays of a reference.npz (InputError when missing or not an ats-deploy reference)."""
     p = Path(path)
+    if p.is_dir():
+        hint = f" ({p / 'reference.npz'})" if (p / "reference.npz").is_file() else ""
+        raise InputError(f"reference {p} is a directory; pass the reference.npz file inside it{hint}")
     if not p.is_file():
         raise InputError(f"reference file {p} does not exist; pass the reference.npz written by ats-deploy export")
     try:
