@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -307,21 +309,32 @@ def ship_run(
     init = log.config.get("init")
     base = base_training_section(init, log.init_sha256) if init else None
     init_sha = log.init_sha256 or (sha256_of(init) if init and Path(init).is_file() else None)
-    digest = export_demo_weights(final, dst)
-    report = evaluate(load_demo_checkpoint(dst), images=images, progress=progress)
-    text = render_card(
-        sha256=digest,
-        command=command,
-        log=log,
-        report=report,
-        machine=machine_description(),
-        eval_command=f"ats-deploy demo eval --images {images}",
-        base=base,
-        init_sha256=init_sha,
-    )
-    card = dst.parent / "MODEL_CARD.md"
-    tmp = card.with_name(card.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, card)
-    (dst.parent / "eval.json").write_text(report.to_json() + "\n")
+    # Nothing at dst changes until everything is ready: the fp16 file is exported and evaluated in a
+    # temporary folder beside it (same name, so the report's source reads as the shipped file's), the
+    # card and eval.json are written there too, then the three are renamed into place, weights last. A
+    # failure or Ctrl-C before the renames leaves the old weights, card and eval.json as they were.
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dst.name}.ship.", dir=dst.parent))
+    try:
+        staged = stage / dst.name
+        digest = export_demo_weights(final, staged)
+        report = evaluate(load_demo_checkpoint(staged), images=images, progress=progress)
+        text = render_card(
+            sha256=digest,
+            command=command,
+            log=log,
+            report=report,
+            machine=machine_description(),
+            eval_command=f"ats-deploy demo eval --images {images}",
+            base=base,
+            init_sha256=init_sha,
+        )
+        card = dst.parent / "MODEL_CARD.md"
+        (stage / "eval.json").write_text(report.to_json() + "\n")
+        (stage / card.name).write_text(text)
+        os.replace(stage / "eval.json", dst.parent / "eval.json")
+        os.replace(stage / card.name, card)
+        os.replace(staged, dst)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return dst, card, report

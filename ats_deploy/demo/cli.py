@@ -18,13 +18,17 @@ demo_app = typer.Typer(
 )
 
 Pair = tuple[float, float]
+# The same option as the main CLI's TrustOpt (ats_deploy/cli.py imports this module: not imported from there).
+TrustOpt = Annotated[
+    bool, typer.Option("--trust-pickle", help="Allow unpickling arbitrary objects (runs code from the file).")
+]
 
 
 def train_config(**opts):
     """The one mapping from ``demo train``'s options to :class:`ats_deploy.demo.train.TrainConfig` (the
     same as ``python -m ats_deploy.demo.train``): ``None`` leaves the trainer's default; ``--phase`` (any
     number, in order) replaces the two-phase ``--*-low`` / ``--*-high`` options."""
-    from dataclasses import fields, replace
+    from dataclasses import fields
 
     from ..errors import ConfigError
     from .train import TrainConfig, _parse_phase
@@ -41,21 +45,7 @@ def train_config(**opts):
         except ValueError as exc:
             raise ConfigError(f"--phase: {exc}; write it like 112:6000:5e-4:300") from None
     else:
-        low = replace(
-            lo,
-            img_size=pick(opts["img_low"], lo.img_size),
-            steps=pick(opts["steps_low"], lo.steps),
-            lr=pick(opts["lr"], lo.lr),
-            warmup=pick(opts["warmup"], lo.warmup),
-            scale=tuple(opts["scale_low"]) if opts["scale_low"] else lo.scale,
-        )
-        high = replace(
-            hi,
-            img_size=pick(opts["img_high"], hi.img_size),
-            steps=pick(opts["steps_high"], hi.steps),
-            lr=pick(opts["lr_high"], hi.lr),
-            warmup=pick(opts["warmup_high"], hi.warmup),
-        )
+        low, high = _two_phases(opts, lo, hi, pick)
         phases = tuple(ph for ph in (low, high) if ph.steps > 0)
     given = {
         "phases": phases,
@@ -81,6 +71,37 @@ def train_config(**opts):
         flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
         raise ConfigError(f"{flags}: not supported by this version's trainer; drop the option or update ats-deploy")
     return TrainConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def _two_phases(opts, lo, hi, pick):
+    """The low- and high-resolution phases of the ``--*-low`` / ``--*-high`` options (a value out of range:
+    a ConfigError naming the options of that phase)."""
+    from dataclasses import replace
+
+    from ..errors import ConfigError
+
+    try:
+        low = replace(
+            lo,
+            img_size=pick(opts["img_low"], lo.img_size),
+            steps=pick(opts["steps_low"], lo.steps),
+            lr=pick(opts["lr"], lo.lr),
+            warmup=pick(opts["warmup"], lo.warmup),
+            scale=tuple(opts["scale_low"]) if opts["scale_low"] else lo.scale,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"--img-low/--steps-low/--lr/--warmup/--scale-low: {exc}") from None
+    try:
+        high = replace(
+            hi,
+            img_size=pick(opts["img_high"], hi.img_size),
+            steps=pick(opts["steps_high"], hi.steps),
+            lr=pick(opts["lr_high"], hi.lr),
+            warmup=pick(opts["warmup_high"], hi.warmup),
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"--img-high/--steps-high/--lr-high/--warmup-high: {exc}") from None
+    return low, high
 
 
 def _init_path(init: str | None) -> str | None:
@@ -177,20 +198,24 @@ def demo_eval(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 50,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")] = "cpu",
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads.")] = None,
+    trust_pickle: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Top-1 of dense vs ATS, mean K' per block and GFLOPs on held-out generated images."""
     from ..model.checkpoints import load_checkpoint
-    from .evaluate import evaluate, render_report
+    from .evaluate import check_max_ks, evaluate, render_report
     from .shapes import HELDOUT_SEED, NUM_CLASSES
+    from .train import _resolve_device
     from .weights import DEMO_WEIGHTS, load_demo_checkpoint
 
+    device = _resolve_device(device, auto=False)  # before any work: cpu, cuda, cuda:N on a machine that has it
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     w = weights or DEMO_WEIGHTS
-    ck = load_demo_checkpoint(w) if w.suffix == ".safetensors" else load_checkpoint(w)
+    ck = load_demo_checkpoint(w) if w.suffix == ".safetensors" else load_checkpoint(w, trust_pickle=trust_pickle)
+    check_max_ks(ck.config, max_k or [])  # a K above this model's token count would be left out silently
     if ck.config.num_classes != NUM_CLASSES:
         typer.echo(
             f"warning: {w.name} has {ck.config.num_classes} classes but the shapes demo has {NUM_CLASSES}: "

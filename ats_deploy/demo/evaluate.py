@@ -26,6 +26,7 @@ __all__ = [
     "EvalReport",
     "evaluate",
     "ats_settings",
+    "check_max_ks",
     "render_report",
     "token_work",
     "object_recall",
@@ -76,6 +77,14 @@ class EvalReport:
         return json.dumps(self.to_dict(), indent=2)
 
 
+def check_max_ks(cfg, max_ks) -> None:
+    """Refuse a K the user asked for that this model cannot use (below 2 or above its token count n_ref),
+    with the valid range; :func:`ats_settings` leaves such a K out silently (the default 99 on small models)."""
+    for k in max_ks:
+        if k is not None:
+            resolve_ats(cfg, max_k=int(k))  # ConfigError: "--max-k K is above the token count ...; use 2..n_ref"
+
+
 def ats_settings(cfg, max_ks=(None, 99), blocks=None) -> list[tuple[str, ATSConfig]]:
     """dense plus one ATS setting per K in ``max_ks`` (None = n_ref); K above n_ref is left out."""
     out = [("dense", ATSConfig())]
@@ -108,7 +117,9 @@ def evaluate(
     from rich.progress import Progress
 
     from ..model import build_model
+    from .train import _resolve_device
 
+    device = _resolve_device(device, auto=False)  # cpu, cuda, cuda:N (one-line ConfigError otherwise)
     cfg = ckpt.config
     settings = ats_settings(cfg, max_ks, blocks)
     dense = build_model(ckpt).to(device)
@@ -220,8 +231,7 @@ def _main(argv: list[str] | None = None) -> int:
     import argparse
     from pathlib import Path
 
-    from ..model.checkpoints import load_checkpoint
-    from .weights import DEMO_WEIGHTS, load_demo_checkpoint
+    from .weights import DEMO_WEIGHTS
 
     p = argparse.ArgumentParser(description="dense vs ATS top-1, K' and GFLOPs on held-out shapes images")
     p.add_argument("weights", nargs="?", default=str(DEMO_WEIGHTS))
@@ -233,12 +243,27 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
+    from ..errors import AtsDeployError
+
+    try:
+        return _run_main(a)
+    except AtsDeployError as exc:  # bad input: one line (argparse's usage error), no traceback
+        p.error(str(exc).splitlines()[0])
+
+
+def _run_main(a) -> int:
+    from pathlib import Path
+
+    from ..model.checkpoints import load_checkpoint
+    from .weights import load_demo_checkpoint
+
     if a.threads:
         import torch
 
         torch.set_num_threads(a.threads)
     w = Path(a.weights)
     ck = load_demo_checkpoint(w) if w.suffix == ".safetensors" else load_checkpoint(w)
+    check_max_ks(ck.config, a.max_k or [])
     rep = evaluate(
         ck, images=a.images, seed=a.seed, batch_size=a.batch_size, max_ks=(None, *(a.max_k or [99])), device=a.device
     )

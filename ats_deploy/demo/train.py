@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -76,6 +77,53 @@ class Phase:
     # step, twice the ATS exposure per minute, with no dense step between to keep token labelling going).
     ats_every: int = 2
 
+    def __post_init__(self) -> None:
+        from ..errors import ConfigError
+
+        if self.img_size < 1:
+            raise ConfigError(f"phase image size {self.img_size} is not positive; use a multiple of the patch size 16")
+        if self.steps < 0:
+            raise ConfigError(f"phase steps {self.steps} is negative; use 0 or more (0: the phase trains nothing)")
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ConfigError(f"phase learning rate {self.lr} is not a number >= 0; use e.g. 5e-4")
+        if self.warmup < 0:
+            raise ConfigError(f"phase warm-up {self.warmup} is negative; use 0 or more steps")
+        if self.scale is not None:
+            _check_scale(self.scale, "phase scale SMIN:SMAX")
+        if not (math.isfinite(self.guide) and self.guide >= 0):
+            raise ConfigError(f"phase guide={self.guide} is not a weight >= 0; use e.g. guide=0.5 (0: off)")
+        if self.ats_every < 1:
+            raise ConfigError(f"phase ats_every must be at least 1, got {self.ats_every}; use ats=N with N >= 1")
+
+
+def _check_scale(scale, what: str) -> None:
+    """An object diameter range (fraction of the side): 0 < MIN <= MAX (the image size bounds MAX, see
+    :func:`_max_scale`)."""
+    from ..errors import ConfigError
+
+    lo, hi = scale
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+        lo_d, hi_d = DEFAULT_SCALE
+        raise ConfigError(f"{what} {lo:g} {hi:g} is not a range 0 < MIN <= MAX; use e.g. {lo_d} {hi_d}")
+
+
+def _max_scale(img_size: int) -> float:
+    """Largest object diameter (fraction of the side, two decimals) whose bounding box (aspect up to 1.15,
+    2 px margin: ``shapes._object_mask``) fits in an ``img_size`` image."""
+    return math.floor(100 * (img_size // 2 - 2) / (img_size / 2 * 1.15)) / 100
+
+
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def check_device(device: str, *, auto: bool = True) -> None:
+    """Refuse a device string other than cpu, cuda, cuda:N (and auto where ``auto``) with one line."""
+    from ..errors import ConfigError
+
+    if not ((auto and device == "auto") or _DEVICE.fullmatch(device)):
+        names = "auto, cpu, cuda or cuda:N" if auto else "cpu, cuda or cuda:N"
+        raise ConfigError(f"--device {device!r} is not a device; use {names}")
+
 
 # Share of the attention-guidance target spread evenly over the valid background patches. The authors'
 # rule never keeps the lowest-scored patch, so a block whose kept set held the object alone would drop
@@ -130,17 +178,62 @@ class TrainConfig:
     workers: int = 0  # data-generating processes (0: in the training process; use several on a GPU box)
 
     def __post_init__(self) -> None:
+        from ..errors import ConfigError
+
         if self.amp not in ("none", "bf16"):
-            raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
+            raise ConfigError(f"--amp {self.amp!r} is unknown; use 'none' or 'bf16'")
         if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+            raise ConfigError(f"--ema {self.ema} is outside [0, 1); use a decay such as 0.999, or 0 for no EMA")
+        if not self.phases:
+            raise ConfigError("no training phase: give at least one --phase (or --steps-low/--steps-high above 0)")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size} is not positive; use 1 or more images per step")
+        if not (math.isfinite(self.token_label) and self.token_label >= 0):
+            raise ConfigError(f"--token-label {self.token_label} is not a weight >= 0; use e.g. 1.0 (0: off)")
+        if not 0 < self.token_threshold <= 1:
+            raise ConfigError(f"token_threshold {self.token_threshold} is outside (0, 1]; use e.g. 0.15")
+        if not 0 <= self.guide_background <= 1:
+            raise ConfigError(f"--guide-background {self.guide_background} is outside [0, 1]; use e.g. 0.2")
+        if not (math.isfinite(self.min_lr) and self.min_lr >= 0):
+            raise ConfigError(f"min_lr {self.min_lr} is not a learning rate >= 0; use e.g. 1e-6")
+        for name in ("weight_decay", "clip_grad"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{name} {v} is not a number >= 0; use 0 to turn it off")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing {self.label_smoothing} is outside [0, 1); use e.g. 0.1")
+        _check_scale(self.scale, "--scale")
+        check_device(self.device)
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads {self.threads} is not positive; use 1 or more, or leave it out")
+        if self.workers < 0:
+            raise ConfigError(f"--workers {self.workers} is negative; use 0 (no worker processes) or more")
+        if math.isnan(self.ckpt_every_s) or self.ckpt_every_s < 0:
+            raise ConfigError(f"--ckpt-every-s {self.ckpt_every_s} is not a number of seconds >= 0; use e.g. 300")
+        if self.eval_every < 0:
+            raise ConfigError(f"--eval-every {self.eval_every} is negative; use a number of steps, or 0 for no checks")
+        if self.eval_images < 1:
+            raise ConfigError(
+                f"--eval-images {self.eval_images} is not positive; use 1 or more (--eval-every 0 turns the checks off)"
+            )
+        patch = int(self.arch.get("patch_size", ViTConfig.patch_size))
         for i, ph in enumerate(self.phases):
-            if ph.ats_every < 1:
-                raise ValueError(f"phase {i}: ats_every must be at least 1, got {ph.ats_every}")
+            if ph.img_size % patch:
+                raise ConfigError(
+                    f"phase {i}: image size {ph.img_size} is not a multiple of the patch size {patch}; "
+                    f"use a multiple of {patch} such as {7 * patch} or {14 * patch}"
+                )
+            top = _max_scale(ph.img_size)
+            for what, sc in (("scale SMIN:SMAX", ph.scale), ("--scale", self.scale)):
+                if sc is not None and sc[1] > top:
+                    raise ConfigError(
+                        f"phase {i}: {what} maximum {sc[1]:g} does not fit a {ph.img_size} px image; "
+                        f"use at most {top:g} (or a larger image size)"
+                    )
             if ph.guide and not ph.ats:
-                raise ValueError(f"phase {i}: attention guidance needs an ATS phase (add :ats before :guide=W)")
+                raise ConfigError(f"phase {i}: attention guidance needs an ATS phase (add :ats before :guide=W)")
             if ph.guide and self.token_label <= 0:
-                raise ValueError("attention guidance uses the token labels: keep token_label > 0")
+                raise ConfigError("attention guidance uses the token labels: keep --token-label above 0")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -391,15 +484,20 @@ def _set_determinism(cfg: TrainConfig) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _resolve_device(device: str) -> str:
+def _resolve_device(device: str, *, auto: bool = True) -> str:
+    """``device`` checked (cpu, cuda, cuda:N; ``auto`` where allowed: cuda when torch sees a GPU, else cpu)."""
     import torch
 
+    from ..errors import ConfigError
+
+    check_device(device, auto=auto)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        from ..errors import ConfigError
-
-        raise ConfigError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+        raise ConfigError(f"--device {device} asked for, but torch sees no CUDA GPU; use --device cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError(f"--device {device}: torch sees {n} CUDA GPU(s); use cuda:0..cuda:{n - 1} or cpu")
     return device
 
 
@@ -422,9 +520,19 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> Tr
 
         raise ConfigError(f"--init {cfg.init}: no such file; pass a .safetensors file of `demo train` or 'demo'")
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--out {out} is a file, not a directory; pass a run directory (new or existing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        log = _Log(out / "train.log")
+    except OSError as exc:  # an existing file, a read-only or full disk, no permission
+        from ..errors import ConfigError
+
+        why = exc.strerror or type(exc).__name__
+        raise ConfigError(f"--out {out}: cannot write the run there ({why}); pass a writable directory") from None
     _set_determinism(cfg)
-    log = _Log(out / "train.log")
     meta = {"train_config": json.dumps(cfg.to_dict())}
     dev = torch.device(cfg.device)
 
@@ -792,8 +900,8 @@ def _set_ats(model, on: bool) -> None:
 
 
 def _parse_phase(text: str) -> Phase:
-    """``IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats[=N][:guide=W]]`` -> Phase (argparse turns the ValueError into a
-    usage error)."""
+    """``IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats[=N][:guide=W]]`` -> Phase (argparse turns the ValueError of a
+    malformed text into a usage error; a value out of range is a ConfigError naming the text)."""
     parts = text.split(":")
     guide, guided = 0.0, parts[-1].startswith("guide=")
     if guided:
@@ -811,7 +919,12 @@ def _parse_phase(text: str) -> Phase:
     if len(parts) not in (4, 6):
         raise ValueError(f"expected IMG:STEPS:LR:WARMUP[:SMIN:SMAX][:ats[=N][:guide=W]], got {text!r}")
     scale = (float(parts[4]), float(parts[5])) if len(parts) == 6 else None
-    return Phase(int(parts[0]), int(parts[1]), float(parts[2]), int(parts[3]), scale, ats, guide, every)
+    from ..errors import ConfigError
+
+    try:
+        return Phase(int(parts[0]), int(parts[1]), float(parts[2]), int(parts[3]), scale, ats, guide, every)
+    except ConfigError as exc:  # a value out of range: name the --phase it came from
+        raise ConfigError(f"--phase {text}: {exc}") from None
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -858,7 +971,15 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0, help="data-generating processes (GPU boxes: 8-16)")
     p.add_argument("--init", default=None, help="start from these .safetensors weights")
     p.add_argument("--no-resume", action="store_true")
-    a = p.parse_args(argv)
+    from ..errors import AtsDeployError
+
+    try:
+        return _run_main(p.parse_args(argv))
+    except AtsDeployError as exc:  # bad input: one line (argparse's usage error), no traceback
+        p.error(str(exc).splitlines()[0])
+
+
+def _run_main(a) -> int:
     phases = tuple(
         ph
         for ph in (

@@ -17,7 +17,7 @@ from ats_deploy.demo.shapes import (
     render,
     write_samples,
 )
-from ats_deploy.errors import CheckpointError
+from ats_deploy.errors import CheckpointError, ConfigError
 
 TINY_ARCH = {"embed_dim": 32, "depth": 4, "num_heads": 2}
 
@@ -341,7 +341,7 @@ def test_ats_every_n_chooses_which_steps_run_through_ats(tmp_path, monkeypatch, 
     for bad in ("224:10:1e-4:2:ats=0", "224:10:1e-4:2:ats=x:guide=1", "224:10:1e-4:2:ats="):
         with pytest.raises(ValueError, match=r"ats=N needs a whole number N >= 1"):
             tr._parse_phase(bad)
-    with pytest.raises(ValueError, match="ats_every must be at least 1"):
+    with pytest.raises(ConfigError, match="ats_every must be at least 1"):
         tr.TrainConfig(phases=(tr.Phase(32, 2, 1e-3, 1, ats=True, ats_every=0),))
     calls = []
     real = tr._set_ats
@@ -432,7 +432,7 @@ def test_a_guided_phase_trains_and_logs_its_loss_and_the_ats_top1(tmp_path, monk
     assert _parse_phase("224:10:1e-4:2:ats:guide=0.5") == Phase(224, 10, 1e-4, 2, None, True, 0.5)
     with pytest.raises(ValueError, match="needs an ATS phase"):
         _parse_phase("224:10:1e-4:2:guide=0.5")
-    with pytest.raises(ValueError, match="needs an ATS phase"):
+    with pytest.raises(ConfigError, match="needs an ATS phase"):
         TrainConfig(phases=(Phase(32, 2, 1e-3, 1, guide=1.0),))
     cfg = TrainConfig(
         phases=(Phase(img_size=32, steps=4, lr=1e-3, warmup=1, ats=True, guide=1.0),),
