@@ -1,27 +1,32 @@
 """What goes to the Jetson: one .tar.gz with the ONNX forms, plugin sources, manifest, reference and steps.
 
 Engines are not portable (docs/ATS_RULE.md section 5), so the bundle carries what the Jetson needs to build them
-itself: every ONNX form of the export (portable, plugin, fp16/int8 forms when present), any INT8 scale files,
-``manifest.json``, ``reference.npz`` (parity without torch), the plugin's C++/CUDA sources
+itself: what the export's ``manifest.json`` lists (the ONNX forms: portable, plugin, fp16/int8 when present;
+``reference.npz`` for parity without torch; Polygraphy's JSON files; INT8 scale files recorded there), the
+manifest itself, the plugin's C++/CUDA sources
 (``plugins/ats_sampler``), a generated README with the exact commands for JetPack 6.1/6.2 (TensorRT 10.3,
 Orin sm_87) and JetPack 7.x (TensorRT 10.13+/11.x, Thor sm_110), and ``SHA256SUMS``. The archive is written
 under a temporary name and renamed into place. numpy/onnx only: no torch, no tensorrt.
+
+Only files the manifest lists are packed: an earlier export (or calibration) into the same folder can leave
+graphs the current manifest does not describe, and those must not reach a device. They are named in a one-line
+warning on stderr instead.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
+import sys
 import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..artifacts import default_file_mode
-from ..errors import ExportError, InputError
+from ..artifacts import MANIFEST, default_file_mode, read_manifest
+from ..errors import ConfigError, ExportError, InputError
 from .polygraphy_io import INPUTS_FILE, OUTPUTS_FILE, polygraphy_command
 
 __all__ = ["BundleResult", "CLI_OPTIONS", "make_bundle", "render_readme"]
@@ -62,38 +67,122 @@ def _is_scales(p: Path) -> bool:
     return p.suffix in (".json", ".npz") and "scale" in p.name.lower()
 
 
-def _collect(out: Path) -> dict[str, Path]:
-    """Export artifacts to ship, name -> path (ONNX forms + side data, scales, manifest, reference)."""
-    files: dict[str, Path] = {}
-    for p in sorted(out.iterdir()):
-        if not p.is_file() or p.name.startswith("."):
-            continue
-        if p.suffix == ".onnx" or p.name.endswith(".onnx.data") or _is_scales(p):
-            files[p.name] = p
-        elif p.name in ("manifest.json", "reference.npz", INPUTS_FILE, OUTPUTS_FILE):
-            files[p.name] = p
-    return files
+def _packable(p: Path) -> bool:
+    """Whether ``p`` is a kind of file the bundle would carry (graphs, engines, side data, scales, reference)."""
+    return (
+        p.suffix in (".onnx", ".plan", ".engine")
+        or p.name.endswith(".onnx.data")
+        or _is_scales(p)
+        or p.name in ("reference.npz", INPUTS_FILE, OUTPUTS_FILE)
+    )
 
 
-def _check_manifest(out: Path, files: dict[str, Path]) -> dict:
-    man_path = out / "manifest.json"
-    if not man_path.is_file():
-        raise InputError(f"{out} has no manifest.json; pass the directory written by ats-deploy export")
-    if "model.onnx" not in files:
-        raise InputError(f"{out} has no model.onnx; re-run ats-deploy export -o {out}")
+def _sha256_of(p: Path) -> str:
+    """sha256 of an input file; an unreadable one is a one-line InputError naming it."""
+    from ..artifacts import sha256_file
+
     try:
-        man = json.loads(man_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{man_path} is not readable JSON ({exc}); re-run ats-deploy export") from None
-    from .trt import sha256_file
+        return sha256_file(p)
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise InputError(f"cannot read {p} ({why}); make it readable or re-run ats-deploy export") from None
 
-    for name, art in man.get("artifacts", {}).items():
+
+def _read_export_manifest(out: Path) -> dict:
+    """The export's manifest (read_manifest: JSON object, our format) with the parts the bundle uses checked."""
+    man = read_manifest(out)
+    arts = man.get("artifacts")
+    if not isinstance(arts, dict):
+        raise InputError(f'{out / MANIFEST} has no artifact list ("artifacts"); re-run ats-deploy export -o {out}')
+    model = man.get("model")
+    parts = {k: man.get(k) for k in ("ats", "graph", "model", "versions")}
+    parts["model.architecture"] = model.get("architecture") if isinstance(model, dict) else None
+    for key, sub in parts.items():
+        if sub is not None and not isinstance(sub, dict):
+            raise InputError(f'{out / MANIFEST} has a malformed "{key}" entry; re-run ats-deploy export -o {out}')
+    for name, art in arts.items():
+        plain = name not in ("", ".", "..") and "/" not in name and "\\" not in name and not name.startswith(".")
+        if not plain or not isinstance(art, dict) or not isinstance(art.get("sha256", ""), str):
+            raise InputError(
+                f"{out / MANIFEST} has a malformed artifact entry {name!r}; re-run ats-deploy export -o {out}"
+            )
+    return man
+
+
+def _collect(out: Path, man: dict) -> dict[str, Path]:
+    """Export artifacts to ship, name -> path: the manifest, what it lists (hashes checked) and the external
+    weights (``<graph>.onnx.data``) of the graphs it lists. Other graphs, engines or side data in the folder
+    (left by an earlier export) are not packed; they are named in a warning."""
+    files: dict[str, Path] = {MANIFEST: out / MANIFEST}
+    for name, art in sorted(man["artifacts"].items()):
         p = out / name
         if not p.is_file():
             raise InputError(f"{out} lacks {name}, which its manifest lists; re-run ats-deploy export -o {out}")
-        if art.get("sha256") and sha256_file(p) != art["sha256"]:
+        if art.get("sha256") and _sha256_of(p) != art["sha256"]:
             raise InputError(f"{p} does not match its manifest (sha256); re-run ats-deploy export -o {out}")
-    return man
+        files[name] = p
+        side = out / (name + ".data")
+        if name.endswith(".onnx") and side.is_file():
+            files[side.name] = side
+    if "model.onnx" not in files:
+        raise InputError(f"{out} has no model.onnx in its manifest; re-run ats-deploy export -o {out}")
+    stale = [
+        p.name
+        for p in sorted(out.iterdir())
+        if p.name not in files and not p.name.startswith(".") and p.is_file() and _packable(p)
+    ]
+    if stale:
+        print(
+            f"warning: not packing {', '.join(stale)}: not in {out / MANIFEST} (left by an earlier export?)",
+            file=sys.stderr,
+        )
+    return files
+
+
+def _top_name(name: str | None, dest: Path) -> str:
+    """The archive's top folder: ``name`` (a plain folder name, else ConfigError), or the archive's stem."""
+    if name is not None:
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise ConfigError(
+                f"--name {name!r} is not a plain folder name (no '/', '\\', '.' or '..'); pass e.g. --name ats-bundle"
+            )
+        return name
+    stem = dest.name.removesuffix(".tar.gz").removesuffix(".tgz")
+    return stem if stem not in ("", ".", "..") else "ats-bundle"
+
+
+def _blocking_file(d: Path) -> Path | None:
+    """The nearest existing non-folder among ``d`` and its parents (what makes creating ``d`` fail), if any."""
+    for p in (d, *d.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def _temp_beside(dest: Path) -> tuple[str, list[Path]]:
+    """A temporary file next to ``dest`` (its folder made if missing) and the folders made for it."""
+    if dest.is_dir():
+        raise ConfigError(f"-o {dest} is a folder; pass the archive's file name, e.g. -o {dest / 'ats_bundle.tar.gz'}")
+    made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists() and not p.is_symlink()]
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as exc:
+        _remove_dirs(made)
+        blocker = _blocking_file(dest.parent)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else (exc.strerror or str(exc))
+        raise ExportError(f"cannot write {dest} ({why}); choose another path with -o") from None
+    os.close(fd)
+    return tmp, made
+
+
+def _remove_dirs(made: list[Path]) -> None:
+    """Remove the (empty) folders this run created, deepest first."""
+    for d in made:
+        try:
+            d.rmdir()
+        except OSError:
+            pass
 
 
 def _plugin_files(plugin_src: Path | None) -> dict[str, Path]:
@@ -355,33 +444,29 @@ def make_bundle(
     if not out.is_dir():
         raise InputError(f"{out} is not a directory; pass the directory written by ats-deploy export")
     dest = Path(output_tar_gz)
-    top = name or dest.name.removesuffix(".tar.gz").removesuffix(".tgz") or "ats-bundle"
-    artifacts = _collect(out)
-    man = _check_manifest(out, artifacts)
+    top = _top_name(name, dest)
+    man = _read_export_manifest(out)
+    artifacts = _collect(out, man)
     payload: dict[str, Path | bytes] = dict(artifacts)
     payload.update(_plugin_files(Path(plugin_src) if plugin_src is not None else None))
     forms = _forms(out, [n for n in artifacts if n.endswith(".onnx")])
-    with tempfile.TemporaryDirectory() as wheel_dir:
-        whl = project_wheel(Path(wheel_dir))
-        payload[f"wheels/{whl.name}"] = whl.read_bytes()
-    contents = sorted([*payload, "README.md", "SHA256SUMS"])
-    payload["README.md"] = render_readme(man, forms, contents, wheel=f"wheels/{whl.name}").encode()
-    sums = []
-    for arc in sorted(payload):
-        item = payload[arc]
-        data = item if isinstance(item, bytes) else None
-        if data is None:
-            from .trt import sha256_file
-
-            sums.append(f"{sha256_file(item)}  {arc}")
-        else:
-            sums.append(f"{_sha256_bytes(data)}  {arc}")
-    payload["SHA256SUMS"] = ("\n".join(sums) + "\n").encode()
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
+    tmp, made = _temp_beside(dest)  # before the wheel build: a bad -o fails at once
     try:
+        with tempfile.TemporaryDirectory() as wheel_dir:
+            whl = project_wheel(Path(wheel_dir))
+            try:
+                payload[f"wheels/{whl.name}"] = whl.read_bytes()
+            except OSError as exc:
+                why = exc.strerror or type(exc).__name__
+                raise InputError(f"cannot read the wheel {whl} ({why}); point ${WHEEL_ENV} elsewhere") from None
+        contents = sorted([*payload, "README.md", "SHA256SUMS"])
+        payload["README.md"] = render_readme(man, forms, contents, wheel=f"wheels/{whl.name}").encode()
+        sums = []
+        for arc in sorted(payload):
+            item = payload[arc]
+            digest = _sha256_bytes(item) if isinstance(item, bytes) else _sha256_of(item)
+            sums.append(f"{digest}  {arc}")
+        payload["SHA256SUMS"] = ("\n".join(sums) + "\n").encode()
         with tarfile.open(tmp, "w:gz") as tar:
             now = int(time.time())
             for arc in sorted(payload):
@@ -391,14 +476,21 @@ def make_bundle(
                     info.size, info.mtime, info.mode = len(item), now, 0o644
                     tar.addfile(info, io.BytesIO(item))
                 else:
-                    tar.add(str(item), arcname=f"{top}/{arc}", recursive=False)
+                    try:
+                        tar.add(str(item), arcname=f"{top}/{arc}", recursive=False)
+                    except OSError as exc:
+                        if Path(exc.filename or "") != item:
+                            raise
+                        raise InputError(f"cannot read {item} ({exc.strerror}); make it readable") from None
         os.chmod(tmp, default_file_mode())  # the umask's mode, like any other tool (mkstemp gives 0600)
         os.replace(tmp, dest)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
+        _remove_dirs(made)
         raise ExportError(f"cannot write {dest} ({exc.strerror}); free space or choose another path") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        _remove_dirs(made)
         raise
     digest = hashlib.sha256(dest.read_bytes()).hexdigest()
     return BundleResult(dest, tuple(sorted(payload)), digest, dest.stat().st_size)

@@ -172,6 +172,25 @@ def _run(cmd: Sequence[str], *, what: str) -> None:
         raise ExportError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
 
 
+def _make_build_dir(build: Path) -> None:
+    """Create (or reuse) the CMake build folder; a file in the way or no write access is one ExportError line."""
+    import tempfile
+
+    try:
+        build.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=build):  # writable? (cmake's own failure would be 40 lines later)
+            pass
+    except OSError as exc:
+        blocker = next((p for p in (build, *build.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            why = f"{blocker} is a file, not a folder"
+        else:
+            why = exc.strerror or type(exc).__name__
+        raise ExportError(
+            f"cannot use {build} as the build folder ({why}); pass --build-dir a writable folder"
+        ) from None
+
+
 def build_plugin(
     *,
     source_dir: str | os.PathLike[str] | None = None,
@@ -195,7 +214,7 @@ def build_plugin(
     nvcc = find_nvcc()
     trt = None if kernel_only else find_tensorrt_root(tensorrt_root)
     build = Path(build_dir)
-    build.mkdir(parents=True, exist_ok=True)
+    _make_build_dir(build)
 
     configure = [
         cmake,

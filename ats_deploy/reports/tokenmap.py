@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ExportError
+
 __all__ = ["denormalise", "kept_patch_mask", "token_map", "write_token_map", "write_token_maps"]
 
 _CAPTION = 18  # pixels of caption strip above each panel
@@ -94,15 +96,42 @@ def token_map(
     return canvas
 
 
+def _blocking_file(d: Path) -> Path | None:
+    """The nearest existing non-folder among ``d`` and its parents (what makes creating ``d`` fail), if any."""
+    for p in (d, *d.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def _make_folder(d: Path) -> None:
+    """Create the PNG folder ``d``; a file in the way or an unwritable parent is a one-line ExportError."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = _blocking_file(d)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else (exc.strerror or type(exc).__name__)
+        raise ExportError(f"cannot create the token-map folder {d} ({why}); pass --png a folder path") from None
+
+
 def write_token_map(path: str | Path, *args, **kwargs) -> Path:
     """:func:`token_map` saved as PNG at ``path`` (written to a temporary name, then renamed)."""
     import os
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(path.parent)
+    image = token_map(*args, **kwargs)
     tmp = path.with_name(path.name + ".tmp")
-    token_map(*args, **kwargs).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        why = exc.strerror or type(exc).__name__
+        raise ExportError(f"cannot write {path} ({why}); pass --png a writable folder") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -131,6 +160,7 @@ def write_token_maps(
         from ..demo.shapes import CLASSES
 
         names = CLASSES
+    _make_folder(Path(out_dir))  # before any drawing: a file in the way fails at once, naming itself
     paths, used = [], set()
     for i, rec in enumerate(images):
         stem = _file_stem(rec["input"])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ats_deploy.errors import DependencyError
+from ats_deploy.errors import DependencyError, ExportError
 from ats_deploy.exporters import plugin_lib
 
 SRC = plugin_lib.plugin_source_dir()
@@ -183,3 +183,55 @@ def test_plugin_compiles_against_tensorrt_headers_if_present(tmp_path: Path) -> 
     cmd.append(str(SRC / "atsSamplerPlugin.cpp"))
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _chmod_binds(tmp: Path) -> bool:
+    """Whether file modes stop this process (not for root, unless run without CAP_DAC_OVERRIDE)."""
+    probe = tmp / ".chmod-probe"
+    probe.write_text("")
+    probe.chmod(0)
+    try:
+        probe.read_text()
+        return False
+    except PermissionError:
+        return True
+    finally:
+        probe.chmod(0o600)
+        probe.unlink()
+
+
+@pytest.fixture
+def no_cmake_run(monkeypatch: pytest.MonkeyPatch) -> list:
+    """cmake/nvcc 'found', and any command build_plugin would run recorded instead of run."""
+    ran: list = []
+    monkeypatch.setattr(plugin_lib, "find_cmake", lambda: "cmake")
+    monkeypatch.setattr(plugin_lib, "find_nvcc", lambda: "nvcc")
+    monkeypatch.setattr(plugin_lib, "_run", lambda cmd, what: ran.append(cmd))
+    return ran
+
+
+@pytest.mark.parametrize("sub", ["", "sub"])
+def test_build_dir_under_a_file_is_one_line_before_cmake(tmp_path: Path, no_cmake_run: list, sub: str) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    build = afile / sub if sub else afile
+    with pytest.raises(ExportError, match=r"afile is a file, not a folder\); pass --build-dir a writable") as info:
+        plugin_lib.build_plugin(build_dir=build, kernel_only=True)
+    assert "\n" not in str(info.value)
+    assert no_cmake_run == []  # refused before cmake ran
+    assert afile.read_text() == "keep me"
+
+
+def test_read_only_build_dir_is_one_line_before_cmake(tmp_path: Path, no_cmake_run: list) -> None:
+    if not _chmod_binds(tmp_path):
+        pytest.skip("chmod does not bind this user (root): see test_build_dir_under_a_file_is_one_line_before_cmake")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        for build in (ro, ro / "build"):
+            with pytest.raises(ExportError, match=r"\(Permission denied\); pass --build-dir a writable folder"):
+                plugin_lib.build_plugin(build_dir=build, kernel_only=True)
+        assert no_cmake_run == [] and list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)

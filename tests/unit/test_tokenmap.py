@@ -10,8 +10,15 @@ import pytest
 from PIL import Image
 
 from ats_deploy.demo.evaluate import object_recall, token_work
+from ats_deploy.errors import ExportError
 from ats_deploy.model.config import ATSConfig, ViTConfig
-from ats_deploy.reports.tokenmap import denormalise, kept_patch_mask, token_map, write_token_map
+from ats_deploy.reports.tokenmap import (
+    denormalise,
+    kept_patch_mask,
+    token_map,
+    write_token_map,
+    write_token_maps,
+)
 
 
 def test_object_recall_counts_kept_object_patches_only_in_valid_slots():
@@ -103,3 +110,77 @@ def test_tokens_command_writes_one_token_map_per_input(tmp_path, tiny_ckpt):
         panels = 1 + len(doc["ats_blocks"])  # tiny model: ATS at blocks 2..5
         assert panels == 5 and im.size == (5 * 68 + 4, 18 + 18 + 64 + 8)
         assert len(img["kept"]) == 4
+
+
+def _chmod_binds(tmp) -> bool:
+    """Whether file modes stop this process (not for root, unless run without CAP_DAC_OVERRIDE)."""
+    probe = tmp / ".chmod-probe"
+    probe.write_text("")
+    probe.chmod(0)
+    try:
+        probe.read_text()
+        return False
+    except PermissionError:
+        return True
+    finally:
+        probe.chmod(0o600)
+        probe.unlink()
+
+
+@pytest.mark.parametrize("sub", ["m.png", "sub/m.png"])
+def test_write_token_map_under_a_file_is_one_line(tmp_path, sub):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    with pytest.raises(ExportError, match=r"afile is a file, not a folder\); pass --png a folder path") as info:
+        write_token_map(afile / sub, np.zeros((32, 32, 3), np.uint8), [[0, 2]], [1], patch=16)
+    assert "\n" not in str(info.value)
+    assert afile.read_text() == "keep me"
+
+
+def test_write_token_maps_refuses_a_file_as_the_folder(tmp_path):
+    from types import SimpleNamespace
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    pre = SimpleNamespace(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    cfg = SimpleNamespace(patch_size=16, num_prefix_tokens=1)
+    rec = {"input": "x", "top1": 0, "kept": {"1": [0, 2]}}
+    for out in (afile, afile / "sub"):
+        with pytest.raises(ExportError, match="cannot create the token-map folder .*afile is a file, not a folder"):
+            write_token_maps(out, np.zeros((1, 3, 32, 32), np.float32), [rec], pre=pre, cfg=cfg, blocks=[1])
+    assert afile.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_write_token_map_into_a_read_only_folder(tmp_path):
+    if not _chmod_binds(tmp_path):
+        pytest.skip("chmod does not bind this user (root): see test_write_token_map_under_a_file_is_one_line")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        for path in (ro / "m.png", ro / "maps" / "m.png"):
+            with pytest.raises(ExportError, match=r"\(Permission denied\); pass --png"):
+                write_token_map(path, np.zeros((32, 32, 3), np.uint8), [[0, 2]], [1], patch=16)
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_tokens_command_png_under_a_file_is_one_error_line(tmp_path, tiny_ckpt):
+    import torch
+    from typer.testing import CliRunner
+
+    from ats_deploy.cli import app
+
+    ck = tmp_path / "tiny.pth"
+    torch.save({"model": {k: torch.from_numpy(v.copy()) for k, v in tiny_ckpt.state_dict.items()}}, ck)
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for png in (afile, afile / "sub"):
+        res = CliRunner().invoke(app, ["tokens", str(ck), "--heads", "2", "--png", str(png)])
+        assert res.exit_code == 1, res.output
+        assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: cannot create the token-map folder"), res.stderr
+        assert "afile is a file, not a folder" in lines[0]
+    assert afile.read_text() == "keep me"
