@@ -30,8 +30,16 @@ def handle_errors(fn):
         except AtsDeployError as exc:
             _emit_error(exc)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # a file the checks did not foresee (permissions, a vanished path, a full disk)
+            where = f" {exc.filename}" if exc.filename else ""
+            typer.echo(
+                f"error: cannot access{where} ({exc.strerror or type(exc).__name__}); check the path, its "
+                "permissions and free space",
+                err=True,
+            )
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            typer.echo("error: interrupted; nothing was left half-written", err=True)
+            typer.echo("error: interrupted; outputs are renamed into place only when complete", err=True)
             raise typer.Exit(130) from None
 
     return wrapper

@@ -360,6 +360,10 @@ def tokens(
     from .inputs import default_inputs, load_inputs
     from .runtime.torch_runner import TorchRunner
 
+    if png is not None:  # before the model runs: a --png under a file fails at once
+        from .reports.tokenmap import check_png_folder
+
+        check_png_folder(png)
     ck, source = _load(model, trust_pickle=trust_pickle, heads=heads)
     ats = _ats(ck.config, ats_blocks, max_k, "static")
     pre = preprocess_for(ck.config)

@@ -33,7 +33,11 @@ def checked_artifact(out_dir: str | Path, name: str, manifest: dict) -> Path:
     if not path.is_file():
         raise InputError(f"{path} is missing; re-run ats-deploy export -o {out}")
     want = manifest.get("artifacts", {}).get(name, {}).get("sha256")
-    if want and sha256_file(path) != want:
+    try:
+        got = sha256_file(path) if want else None
+    except OSError as exc:
+        raise InputError(f"cannot read {path} ({exc.strerror}); check its permissions") from None
+    if want and got != want:
         raise InputError(f"{path} does not match its manifest (sha256); re-run ats-deploy export -o {out}")
     return path
 

@@ -104,7 +104,17 @@ def _blocking_file(d: Path) -> Path | None:
     return None
 
 
-def _make_folder(d: Path) -> None:
+def check_png_folder(d: Path) -> None:
+    """Refuse a PNG folder that cannot be made because a file is in the way, creating nothing (a command
+    calls this before its work, :func:`make_png_folder` when it writes)."""
+    blocker = _blocking_file(Path(d))
+    if blocker is not None:
+        raise ExportError(
+            f"cannot create the token-map folder {d} ({blocker} is a file, not a folder); pass --png a folder path"
+        )
+
+
+def make_png_folder(d: Path) -> None:
     """Create the PNG folder ``d``; a file in the way or an unwritable parent is a one-line ExportError."""
     try:
         d.mkdir(parents=True, exist_ok=True)
@@ -119,7 +129,7 @@ def write_token_map(path: str | Path, *args, **kwargs) -> Path:
     import os
 
     path = Path(path)
-    _make_folder(path.parent)
+    make_png_folder(path.parent)
     image = token_map(*args, **kwargs)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -160,7 +170,7 @@ def write_token_maps(
         from ..demo.shapes import CLASSES
 
         names = CLASSES
-    _make_folder(Path(out_dir))  # before any drawing: a file in the way fails at once, naming itself
+    make_png_folder(Path(out_dir))  # before any drawing: a file in the way fails at once, naming itself
     paths, used = [], set()
     for i, rec in enumerate(images):
         stem = _file_stem(rec["input"])

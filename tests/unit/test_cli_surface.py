@@ -272,8 +272,32 @@ def test_ctrl_c_in_a_command_is_one_line_and_exit_130(tiny_ckpt, tmp_path, monke
     args = ["export", str(ck), "--heads", "2", "-o", str(tmp_path / "out"), "--parity-inputs", "1"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 130, res.output
-    assert res.stderr.strip() == "error: interrupted; nothing was left half-written" and "Traceback" not in res.output
+    want = "error: interrupted; outputs are renamed into place only when complete"
+    assert res.stderr.strip() == want and "Traceback" not in res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unforeseen_os_error_is_one_line_naming_the_file(tmp_path, monkeypatch, tiny_ckpt):
+    """Fault injection: reading an artifact fails with EACCES where no check foresaw it (root ignores chmod,
+    so the error is raised): one line with the file and the reason, exit 1, no traceback."""
+    import torch
+    from typer.testing import CliRunner
+
+    import ats_deploy.exporters.export as ex
+    from ats_deploy.cli import app
+
+    ck = tmp_path / "tiny.pth"
+    torch.save({"model": {k: torch.from_numpy(v.copy()) for k, v in tiny_ckpt.state_dict.items()}}, ck)
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(ex, "sha256_file", denied)
+    res = CliRunner().invoke(app, ["export", str(ck), "--heads", "2", "-o", str(tmp_path / "out")])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot access ") and "(Permission denied)" in lines[0]
+    assert "model.onnx" in lines[0] and not (tmp_path / "out").exists()
 
 
 def test_corrupt_image_is_named(tmp_path):

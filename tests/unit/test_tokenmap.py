@@ -184,3 +184,6 @@ def test_tokens_command_png_under_a_file_is_one_error_line(tmp_path, tiny_ckpt):
         assert len(lines) == 1 and lines[0].startswith("error: cannot create the token-map folder"), res.stderr
         assert "afile is a file, not a folder" in lines[0]
     assert afile.read_text() == "keep me"
+    # checked before anything runs: even the checkpoint is not looked at yet
+    res = CliRunner().invoke(app, ["tokens", str(tmp_path / "missing.pt"), "--png", str(afile / "sub")])
+    assert res.exit_code == 1 and res.stderr.startswith("error: cannot create the token-map folder"), res.stderr
