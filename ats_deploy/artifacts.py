@@ -189,6 +189,16 @@ def wrong_kind(path: str | os.PathLike[str], want: str, kind: str | None = None)
     return InputError(f"{p} is {what}, not {wanted}; {_instead(kind, p, want)}")
 
 
+def blocking_file(d: str | os.PathLike[str]) -> Path | None:
+    """The nearest existing non-directory among ``d`` and its parents (what makes creating directory ``d``
+    fail), or None."""
+    d = Path(d)
+    for p in (d, *d.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
 # Sections every command reads from a manifest (each a JSON object).
 MANIFEST_SECTIONS = ("model", "ats", "graph", "preprocessing", "artifacts")
 
@@ -241,6 +251,9 @@ class AtomicWriter:
 
     def __init__(self, directory: Path) -> None:
         self.dir = Path(directory)
+        blocker = blocking_file(self.dir)
+        if blocker is not None:
+            raise ExportError(f"output directory {self.dir} cannot be made: {blocker} is a file; choose another -o")
         self._created = not self.dir.exists()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar, Literal
 
-from ..artifacts import MANIFEST, file_kind, read_manifest, sha256_file, wrong_kind
+from ..artifacts import MANIFEST, blocking_file, file_kind, read_manifest, sha256_file, wrong_kind
 from ..artifacts import atomic_copy as _atomic_copy
 from ..artifacts import atomic_write as _atomic_write
 from ..errors import ConfigError, DependencyError, ExportError, InputError
@@ -662,6 +662,15 @@ def build_engine(
     if kind != "onnx":
         raise wrong_kind(onnx_path, "onnx", kind)
     plan = Path(output) if output is not None else onnx_path.with_suffix(".plan")
+    if plan.is_dir():
+        raise InputError(f"-o {plan} is a directory; pass the engine file to write, e.g. {plan / 'model.plan'}")
+    blocker = blocking_file(plan.parent)
+    if blocker is not None:  # found before the build, not after minutes of it
+        raise InputError(f"-o {plan} cannot be written: {blocker} is a file, not a folder; choose another -o")
+    if settings.plugin_lib is not None and not Path(settings.plugin_lib).is_file():
+        raise DependencyError(
+            f"plugin library {settings.plugin_lib} does not exist; build it with `ats-deploy plugin build`"
+        )
     man_path, man = _read_manifest(onnx_path, manifest)
     onnx_sha = _onnx_digest(onnx_path)
     man_info = _manifest_facts(onnx_path, man_path, man)

@@ -98,3 +98,35 @@ def test_parity_checks_the_plugin_form_when_asked(export_dir, tmp_path):
         runner.invoke(app, ["parity", str(d), "--form", "plugin"]),
         "has no plugin form (model.plugin.onnx); export with --sampler plugin or drop --form plugin",
     )
+
+
+def test_build_output_and_plugin_library_are_checked_before_building(export_dir, tmp_path):
+    """A wrong -o or a missing --plugin-lib is refused before TensorRT is imported (here: before the missing
+    TensorRT is noticed), not after a build of minutes."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    onnx = str(export_dir / "model.onnx")
+    _one_line(
+        runner.invoke(app, ["build", onnx, "-o", str(afile / "x.plan")]),
+        f"-o {afile / 'x.plan'} cannot be written: {afile} is a file, not a folder; choose another -o",
+    )
+    _one_line(
+        runner.invoke(app, ["build", onnx, "-o", str(tmp_path)]),
+        f"-o {tmp_path} is a directory; pass the engine file to write",
+    )
+    _one_line(
+        runner.invoke(app, ["build", onnx, "--plugin-lib", str(tmp_path / "no.so")]),
+        f"plugin library {tmp_path / 'no.so'} does not exist",
+    )
+    assert afile.read_text() == "keep"
+
+
+def test_export_into_a_path_under_a_file(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    for out in (afile, afile / "sub"):
+        _one_line(
+            runner.invoke(app, ["export", "-o", str(out), "--parity-inputs", "0"]),
+            f"output directory {out} cannot be made: {afile} is a file; choose another -o",
+        )
+    assert afile.read_text() == "keep"
