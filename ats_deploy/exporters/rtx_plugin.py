@@ -8,8 +8,9 @@ identity (name ``AdaptiveTokenSampler``, version ``"1"``, namespace ``"ats"``), 
 
 - outputs ``indices`` [B, K_out] int32 and ``count_out`` [B] int32 with K_out = min(k_max, n);
 - dynamic mode: ``indices`` is [B, s] with s a 0-D INT64 size tensor (output 2), declared with
-  ``declare_size_tensor(2, opt=K_out, upper=K_out)``, exactly like the C++ plugin (opt <= upper, or the
-  build fails late).
+  ``declare_size_tensor(2, opt, upper=K_out)``, exactly like the C++ plugin: opt = K_out in the first
+  dynamic block, min(k_max, n_ref) // 2 after it, where n comes from an earlier size tensor (TensorRT:
+  opt must not depend on a size tensor, and opt <= upper, or the build fails late).
 
 Only the build-time methods matter; ``enqueue`` runs the NumPy reference on host copies if it is ever
 executed (real TensorRT with cuda-python), which is slow but correct.
@@ -187,8 +188,11 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
             if self.mode == MODE_STATIC:
                 indices[1] = k_out
                 return [indices, count]
-            # s = max(count_out) <= K_out; tuned for the upper bound, as the C++ plugin does.
-            indices[1] = expr_builder.declare_size_tensor(2, k_out, k_out)
+            # s = max(count_out) <= K_out. The tuning value must not depend on a size tensor (TensorRT's
+            # rule), and after the first dynamic ATS block n is the previous block's s: as the C++ plugin
+            # does, tune for K_out in the first block and for half the grid's bound after it.
+            opt = k_out if n.is_constant() else expr_builder.constant(max(1, min(self.k_max, self.n_ref) // 2))
+            indices[1] = expr_builder.declare_size_tensor(2, opt, k_out)
             return [indices, count, trt.DimsExprs(0)]
 
         def supports_format_combination(self, pos, in_out, num_inputs):

@@ -15,6 +15,8 @@
 #include "atsSampler.h"
 #include "atsSamplerKernel.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -304,8 +306,14 @@ int32_t AtsSamplerPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInp
         }
         else
         {
-            // s = max(count_out) <= K_out; tune for the upper bound (static-equivalent cost).
-            IDimensionExpr const* s = exprBuilder.declareSizeTensor(kOUT_SIZE, *kOut, *kOut);
+            // s = max(count_out) <= K_out. The auto-tuning value must not depend on a size tensor, and from
+            // the second dynamic ATS block on n is the previous block's s: there tune for half the grid's
+            // bound, a constant (s <= min(k_max, n_ref)); the first block tunes for K_out itself.
+            IDimensionExpr const* opt = n->isConstant()
+                ? kOut
+                : exprBuilder.constant(std::max<int64_t>(1, std::min<int64_t>(mKMax, mNRef) / 2));
+            ATS_VALIDATE(opt != nullptr, "exprBuilder.constant failed");
+            IDimensionExpr const* s = exprBuilder.declareSizeTensor(kOUT_SIZE, *opt, *kOut);
             ATS_VALIDATE(s != nullptr, "declareSizeTensor failed");
             outputs[kOUT_INDICES].d[1] = s;
             outputs[kOUT_SIZE].nbDims = 0; // 0-D int64 size tensor
@@ -359,9 +367,12 @@ size_t AtsSamplerPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs,
             return 0;
         }
         ATS_VALIDATE(inputs != nullptr && nbInputs == kNB_INPUTS, "unexpected inputs");
-        // Static-layout rows for the largest shape of the profile; the repack reads them.
+        // Static-layout rows for the largest shape of the profile; the repack reads them. Where the slot
+        // count has no positive bound here (n derived from an earlier size tensor), size for the most
+        // slots the kernel takes, so enqueue never finds the workspace too small.
         auto const batch = static_cast<int>(inputs[0].max.d[0]);
-        auto const n = static_cast<int>(inputs[0].max.d[1]);
+        auto const maxN = inputs[0].max.d[1];
+        auto const n = maxN >= 1 && maxN <= ATS_SAMPLER_MAX_N ? static_cast<int>(maxN) : ATS_SAMPLER_MAX_N;
         return atsSamplerWorkspaceSize(batch, n, mKMax);
     }
     catch (std::exception const& e)

@@ -165,8 +165,10 @@ def _cuda_include(nvcc: str) -> Path:
     pytest.skip("cuda_runtime_api.h not found next to nvcc")
 
 
-def test_plugin_compiles_against_tensorrt_headers_if_present(tmp_path: Path) -> None:
-    """Syntax-checks the plugin against whatever TensorRT this machine has (skipped where there is none)."""
+@pytest.mark.parametrize("self_register", [False, True], ids=["getCreators", "self-registering"])
+def test_plugin_compiles_against_tensorrt_headers_if_present(tmp_path: Path, self_register: bool) -> None:
+    """Syntax-checks the plugin against whatever TensorRT this machine has (skipped where there is none), in
+    both registration builds (the default self-registering one compiles the registrar block too)."""
     try:
         root = plugin_lib.find_tensorrt_root()
     except DependencyError as exc:
@@ -178,6 +180,7 @@ def test_plugin_compiles_against_tensorrt_headers_if_present(tmp_path: Path) -> 
     cuda_include = _cuda_include(nvcc)
     includes = [p for p in (root / "include", root / "include" / "aarch64-linux-gnu") if p.is_dir()]
     cmd = [cxx, "-std=c++17", "-Wall", "-Wextra", "-Werror", "-fsyntax-only", "-I", str(SRC)]
+    cmd += ["-DATS_SELF_REGISTER=1"] if self_register else []
     for inc in [*includes, cuda_include]:
         cmd += ["-isystem", str(inc)]
     cmd.append(str(SRC / "atsSamplerPlugin.cpp"))
