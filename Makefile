@@ -5,6 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -m "not slow"
+# Where pip should take torch from (empty: its configured index; https://download.pytorch.org/whl/cpu
+# for the CPU-only build where the default index gives the CUDA one).
+TORCH_INDEX ?=
 # Line coverage of ats_deploy, child processes included, printed after the tests; the floor is
 # [tool.coverage.report] fail_under in pyproject.toml (it only rises).
 COV_ARGS ?= --cov --cov-report=term
@@ -13,7 +16,7 @@ COV_ARGS ?= --cov --cov-report=term
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q "torch==2.13.0" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e ".[dev,rtx]"
 	touch $(STAMP)
 

@@ -177,29 +177,36 @@ def export(
     ck, source = _load(model, trust_pickle=trust_pickle, heads=heads)
     ats = _ats(ck.config, ats_blocks, max_k, shape)
     opts = GraphOptions(batch=batch, dynamic_batch=dynamic_batch, sampler=sampler, opset=opset)  # type: ignore[arg-type]
-    res = export_model(
-        ck,
-        ats,
-        out,
-        opts=opts,
-        parity_count=parity_count,
-        inputs=inputs,
-        source=source,
-        skip_unreadable=skip_unreadable,
-        progress=not as_json,
-    )
+    kw = dict(opts=opts, parity_count=parity_count, inputs=inputs, source=source, progress=not as_json)
     extra: dict[str, str] = {}
-    if precision in ("fp16", "int8"):
+    if precision == "fp32":
+        res = export_model(ck, ats, out, skip_unreadable=skip_unreadable, **kw)
+    else:
+        # The fp16/int8 passes run on a staged copy beside OUT; OUT changes only when all of them succeed.
+        import dataclasses
+        import shutil
+        import tempfile
+
+        from .artifacts import AtomicWriter
         from .calibration.fp16 import write_fp16
+        from .exporters.export import promote_staged
 
-        extra.update(write_fp16(out))
-    if precision == "int8":
-        from .calibration.int8 import calibrate_export
+        AtomicWriter(out).abort()  # the same checks of OUT as a plain export, before any work
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.resolve().parent))
+        try:
+            res = export_model(ck, ats, stage, skip_unreadable=skip_unreadable, **kw)
+            extra.update(write_fp16(stage))
+            if precision == "int8":
+                from .calibration.int8 import calibrate_export
 
-        _, written = calibrate_export(
-            out, calib_data, method=calib_method, progress=not as_json, skip_unreadable=skip_unreadable
-        )
-        extra.update(written)
+                _, written = calibrate_export(
+                    stage, calib_data, method=calib_method, progress=not as_json, skip_unreadable=skip_unreadable
+                )
+                extra.update(written)
+            removed = promote_staged(stage, out)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        res = dataclasses.replace(res, out_dir=out, removed=removed)
     if res.removed:
         typer.echo(
             f"note: removed {', '.join(res.removed)} of the previous export in {res.out_dir} (not part of this one)",

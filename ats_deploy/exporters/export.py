@@ -15,6 +15,7 @@ a failed run leaves nothing half-written and never clobbers a previous good expo
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -199,6 +200,22 @@ def export_model(
         for name in removed:
             w.remove(name)
     return ExportResult(Path(out_dir), files, manifest, parity, time.perf_counter() - t0, removed=removed)
+
+
+def promote_staged(staging: Path, out_dir: Path) -> list[str]:
+    """Move every file of a finished export in ``staging`` into ``out_dir`` in one commit (the previous
+    export's files that the new one does not have are removed in it); returns the removed names.
+
+    Used where more passes follow the export (fp16, int8): they run on the staged copy, so a failing pass
+    leaves ``out_dir`` as it was."""
+    names = sorted(p.name for p in Path(staging).iterdir() if p.is_file())
+    with AtomicWriter(Path(out_dir)) as w:
+        for name in names:
+            os.replace(Path(staging) / name, w.path(name))
+        removed = sorted(n for n in previous_artifacts(Path(out_dir)) - set(names) if (Path(out_dir) / n).is_file())
+        for name in removed:
+            w.remove(name)
+    return removed
 
 
 def _check(model) -> None:

@@ -189,7 +189,7 @@ def test_unwritable_output_keeps_nothing(tiny_pt, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     res = runner.invoke(app, ["export", str(tiny_pt), "--heads", "2", "-o", str(blocker / "sub")])
-    _one_line_error(res, "not writable")
+    _one_line_error(res, f"output directory {blocker / 'sub'} cannot be made: {blocker} is a file; choose another -o")
 
 
 def test_failed_export_keeps_previous_good_one(tiny_pt, tmp_path, monkeypatch):

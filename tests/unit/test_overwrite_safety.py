@@ -133,3 +133,25 @@ def test_convert_never_writes_over_its_input_or_an_export_artifact(tiny_st, tmp_
     assert list((tmp_path / "adir").iterdir()) == [] and not (tmp_path / "x.onnx").exists()
     res = runner.invoke(app, ["convert", str(plug), "-o", str(out / "portable.onnx")])  # a new name: fine
     assert res.exit_code == 0 and (out / "portable.onnx").is_file()
+
+
+def test_a_failing_int8_pass_leaves_the_previous_export_as_it_was(tiny_st, tmp_path):
+    """The fp16/int8 passes run on a staged copy: too few calibration images fail the run after the export
+    and fp16 pass succeeded, and OUT still holds the previous export, byte for byte, with nothing beside it."""
+    import numpy as np
+
+    out = tmp_path / "out"
+    assert _export(tiny_st, out, "--sampler", "plugin").exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    few = tmp_path / "few.npy"
+    np.save(few, np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32))
+    res = _export(tiny_st, out, "--max-k", "20", "--precision", "int8", "--calib-data", str(few))
+    assert res.exit_code == 1 and "calibration image" in res.output, res.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["few.npy", "out", "tiny.safetensors"]  # no staging left
+    res = _export(tiny_st, out, "--max-k", "20", "--precision", "fp16")  # a pass that succeeds: promoted
+    assert res.exit_code == 0, res.output
+    man = json.loads((out / "manifest.json").read_text())
+    assert set(man["artifacts"]) == {p.name for p in out.iterdir()} - {"manifest.json"}
+    assert {"model.onnx", "model.fp16.onnx"} <= set(man["artifacts"]) and "model.plugin.onnx" not in man["artifacts"]
+    assert "note: removed model.plugin.onnx" in res.stderr
