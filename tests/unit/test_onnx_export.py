@@ -73,14 +73,15 @@ def test_graph_contents(tiny_ckpt):
     assert ops.count("LayerNormalization") == 2 * tiny_ckpt.config.depth + 1
     assert model.opset_import[0].version >= 17
     assert ops.count("CumSum") >= len(ats.blocks)
-    # Score and sampler path in float32: every float tensor feeding CumSum / ArgMin / TopK is float32.
+    # Score and sampler path in float32: every tensor feeding CumSum / TopK / a comparison is float32 or int64.
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
     for node in inferred.graph.node:
-        if node.op_type in ("CumSum", "ArgMin", "TopK") and node.name.split("/")[1:2] == ["ats"]:
-            assert types.get(node.input[0]) in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64)
+        if node.op_type in ("CumSum", "TopK", "Greater", "Less") and node.name.split("/")[1:2] == ["ats"]:
+            allowed = {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
+            assert {types.get(i) for i in node.input[:2] if i in types} <= allowed
     sampler_nodes = [n for n in model.graph.node if "/ats/" in n.name]
-    assert sampler_nodes and {n.op_type for n in sampler_nodes} >= {"TopK", "CumSum", "ArgMin"}
+    assert sampler_nodes and {n.op_type for n in sampler_nodes} >= {"TopK", "CumSum", "GatherElements"}
     assert [o.name for o in model.graph.output][:3] == ["logits", "tokens_2", "count_2"]
 
 
