@@ -9,7 +9,11 @@ graphs that differ from ``static`` only in what the ATS blocks compute (same wei
   time of the smaller slot count alone, the best any sampler could reach (for K = n: dense plus a gather);
 - ``glue``: the same fixed selection with the gathers, token-id outputs and key masks of the real graph;
 - ``glue+scores``: the real score path (CLS attention x value norm) feeding that fixed selection;
-- ``static``: the real score path and the real sampler.
+- ``static``: the real score path and the real sampler;
+- ``sampler x2`` (with ``--second-copy``): ``static`` whose blocks run the sampler twice, the second copy
+  on the first one's scores (tied to its output, so it runs after it): what one more sampler costs once
+  its kernels and buffers are warm, against the first copy's cost in a block whose large matrix products
+  have just evicted them.
 
 Successive differences of the ratios to dense are the shares of the fewer slots, the glue, the score path
 and the sampler. ONNX Runtime's profiler adds microseconds to each of the ~90 small nodes of an ATS block
@@ -30,12 +34,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import cycling_timers, environment, percentiles, random_feeds  # noqa: E402
 
 VARIANTS = ("dense", "floor", "glue", "glue+scores", "static")
+SECOND = "sampler x2"
 
 
 def build(cfg, state_dict, kind: str, batch: int, max_k: int | None = None) -> bytes:
     """The ONNX model of ``kind`` (one of VARIANTS) at a static batch; ``max_k`` None: K = token count."""
     import ats_deploy.exporters.onnx as ox
-    from ats_deploy.exporters.graph import INT64
+    from ats_deploy.exporters.graph import FLOAT, INT64
     from ats_deploy.model.config import ATSConfig, resolve_ats
 
     def fixed_selection(g, scores, count_in, *, n, k_max, **_):
@@ -53,10 +58,17 @@ def build(cfg, state_dict, kind: str, batch: int, max_k: int | None = None) -> b
     def no_mask(self, count, n):
         return None, None
 
+    def twice(g, scores, count_in, *, n, k_max, **kw):
+        first, _ = real[0](g, scores, count_in, n=n, k_max=k_max, **kw)
+        tie = g.op("Mul", g.cast(g.op("ReduceMax", first, axes=[1], keepdims=1), FLOAT), g.const(0.0, "float32"))
+        return real[0](g, g.op("Add", scores, tie), count_in, n=n, k_max=k_max, **kw)
+
     real = ox.emit_sampler, ox._VitEmitter.cls_scores, ox._VitEmitter.key_mask
     try:
         if kind in ("floor", "glue", "glue+scores"):
             ox.emit_sampler = fixed_selection
+        if kind == SECOND:
+            ox.emit_sampler = twice
         if kind in ("floor", "glue"):
             ox._VitEmitter.cls_scores = no_scores
         if kind == "floor":
@@ -76,8 +88,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--inputs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--second-copy", action="store_true", help=f"also time {SECOND!r} (see the docstring)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    variants = VARIANTS + ((SECOND,) if args.second_copy else ())
 
     from ats_deploy.model.config import ATSConfig, resolve_ats
     from ats_deploy.model.default import default_checkpoint
@@ -93,12 +107,12 @@ def main() -> None:
     results = []
     for b in [int(x) for x in args.batches.split(",")]:
         feeds = random_feeds(cfg, b, args.inputs)
-        models = {k: build(cfg, ck.state_dict, k, b, args.max_k) for k in VARIANTS}
+        models = {k: build(cfg, ck.state_dict, k, b, args.max_k) for k in variants}
         runners = {k: OrtRunner(m, threads=args.threads, spin=False) for k, m in models.items()}
         reps = max(args.reps // b, 20)
         times = measure_interleaved(cycling_timers(runners, feeds), warmup=args.warmup, reps=reps)
         prev = 1.0
-        for k in VARIANTS:
+        for k in variants:
             r = paired_ratio(times[k], times["dense"])
             results.append({"batch": b, "variant": k, "rounds": reps, **{q: round(v, 2) for q, v in
                             percentiles(times[k]).items()}, "ratio": round(r.median, 3),
@@ -116,7 +130,8 @@ def main() -> None:
           f"ONNX Runtime CPU, {args.threads} threads")
     print(f"{'batch':>5} {'variant':<12} {'rounds':>6} {'p50 ms':>8} {'p90':>8} {'p99':>8} "
           f"{'/dense [95% CI]':>24} {'added':>7}")
-    names = {"floor": "fewer slots", "glue": "gathers+masks", "glue+scores": "score path", "static": "sampler"}
+    names = {"floor": "fewer slots", "glue": "gathers+masks", "glue+scores": "score path", "static": "sampler",
+             SECOND: "second sampler, warm"}
     for r in results:
         ci = f"{r['ratio']:.3f} [{r['ratio_low']:.3f}, {r['ratio_high']:.3f}]"
         added = f"{r['step']:+.3f} {names[r['variant']]}" if r["variant"] in names else ""

@@ -31,7 +31,7 @@ def train_config(**opts):
     from dataclasses import fields
 
     from ..errors import ConfigError
-    from .train import TrainConfig, _parse_phase
+    from .train import TrainConfig, _parse_phase, width_arch
 
     d = TrainConfig()
     lo, hi = d.phases[0], d.phases[-1]
@@ -64,6 +64,7 @@ def train_config(**opts):
         "workers": opts["workers"],
         "init": _init_path(opts.get("init")),
         "guide_background": opts.get("guide_background"),
+        "arch": width_arch(opts["width"]) if opts.get("width") is not None else None,
     }
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(k for k, v in given.items() if v is not None and k not in known)
@@ -167,6 +168,10 @@ def demo_train(
         typer.Option(
             "--init", metavar="WEIGHTS", help="Start from these .safetensors weights ('demo': the shipped ones)."
         ),
+    ] = None,
+    width: Annotated[
+        int | None,
+        typer.Option("--width", help="Embed dim (heads = width // 64); default 192, DeiT-Ti's."),
     ] = None,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Start over instead of resuming --out.")] = False,
 ) -> None:

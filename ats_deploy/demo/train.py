@@ -308,6 +308,20 @@ class TrainResult:
     history: list[dict]
 
 
+def width_arch(width: int | None) -> dict:
+    """Architecture overrides for ``--width W`` (a multiple of 64): embed dim W in W // 64 heads of 64, the
+    head count every command infers from an embed dim; the rest is DeiT-Ti's. ``None``: DeiT-Ti (192)."""
+    from ..errors import ConfigError
+
+    if width is None:
+        return {}
+    if width < 64 or width % 64:
+        raise ConfigError(
+            f"--width {width} does not split into heads of 64 (heads = width // 64); use 64, 128, 192 or 256"
+        )
+    return {} if width == 192 else {"embed_dim": int(width), "num_heads": width // 64}
+
+
 def model_config(img_size: int, arch: dict | None = None) -> ViTConfig:
     return deit_tiny_patch16_224(num_classes=NUM_CLASSES, **{**(arch or {}), "img_size": img_size})
 
@@ -972,6 +986,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-images", type=int, default=d.eval_images)
     p.add_argument("--workers", type=int, default=0, help="data-generating processes (GPU boxes: 8-16)")
     p.add_argument("--init", default=None, help="start from these .safetensors weights")
+    p.add_argument("--width", type=int, default=None, help="embed dim (heads = width // 64; default 192, DeiT-Ti)")
     p.add_argument("--no-resume", action="store_true")
     from ..errors import AtsDeployError
 
@@ -1008,6 +1023,7 @@ def _run_main(a) -> int:
         eval_images=a.eval_images,
         workers=a.workers,
         init=a.init,
+        arch=width_arch(a.width),
     )
     res = train(cfg, resume=not a.no_resume)
     print(res.final_weights)

@@ -263,6 +263,11 @@ def test_ship_writes_fp16_weights_and_a_card_filled_from_the_run(tmp_path):
     from ats_deploy.demo.weights import sha256_of
 
     assert weights == dst and f"`{sha256_of(dst)}`" in text and "Command: `train it`" in text
+    # The architecture line describes the shipped file (this run's tiny arch), its parameters counted from it.
+    from safetensors.numpy import load_file
+
+    params = sum(v.size for v in load_file(str(dst)).values())
+    assert f"- Architecture: ViT/16 (embed 32, depth 4, 2 heads, {params:,} parameters)," in text
     for c in held:  # every held-out check of the log is a row of the curve table
         assert f"| {c['global_step']} | {c['phase']} | {c['img_size']} | {c['global_step'] * 4:,} |" in text
     dense = report.settings[0]

@@ -76,6 +76,31 @@ def test_a_train_option_out_of_range_is_one_line_and_writes_nothing(tmp_path, ar
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("width", ["100", "32", "0", "-64"])
+def test_a_width_that_does_not_split_into_heads_of_64_is_one_line(tmp_path, width):
+    line = _error_line(_train(tmp_path, "--phase", "32:2:1e-3:1", "--width", width))
+    assert line.startswith(f"error: --width {width} does not split into heads of 64 (heads = width // 64)"), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_width_sets_the_embed_dim_and_the_heads_every_command_infers_from_it():
+    from ats_deploy.demo.cli import train_config
+    from ats_deploy.demo.train import TrainConfig, model_config
+
+    base = {k: None for k in ("steps_low", "steps_high", "img_low", "img_high", "lr", "lr_high", "warmup",
+                              "warmup_high", "scale_low", "token_label", "batch_size", "amp", "ema", "scale",
+                              "seed", "threads", "ckpt_every_s", "eval_every", "eval_images", "workers",
+                              "guide_background", "init")}
+    base.update(out="runs/x", phase=["32:2:1e-3:1"], device="cpu")
+    cfg = train_config(**base, width=128)
+    assert cfg.arch == {"embed_dim": 128, "num_heads": 2}
+    vit = model_config(224, cfg.arch)
+    assert (vit.embed_dim, vit.num_heads, vit.head_dim, vit.depth) == (128, 2, 64, 12)
+    # 192 and no --width are DeiT-Ti itself: the same recipe as before the option existed.
+    assert train_config(**base, width=192).recipe() == train_config(**base, width=None).recipe()
+    assert train_config(**base, width=None).arch == TrainConfig().arch == {}
+
+
 def test_the_two_phase_options_name_themselves_and_no_phase_at_all_is_refused(tmp_path):
     line = _error_line(_train(tmp_path, "--steps-low", "-5"))
     assert line.startswith("error: --img-low/--steps-low/--lr/--warmup/--scale-low: phase steps -5 is negative")
