@@ -17,7 +17,6 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..model.config import ViTConfig
-from ..model.presets import deit_tiny_patch16_224
 from .evaluate import OBJECT_COVER, EvalReport
 from .shapes import CLASSES, DEFAULT_SCALE, HELDOUT_SEED, TRAIN_SEED
 from .weights import DEMO_WEIGHTS
@@ -161,13 +160,13 @@ def render_card(
     eval_command: str,
     base: str | None = None,
     init_sha256: str | None = None,
-    model: ViTConfig | None = None,
-    params: int | None = None,
-    file_name: str = "deit_tiny_shapes.safetensors",
+    model: ViTConfig,
+    params: int,
+    file_name: str,
 ) -> str:
     """The model card (markdown) for the shipped weights; ``base``: the training section of the card of
-    the weights the run started from (``--init``), kept as the first stage of the history; ``model`` and
-    ``params``: the architecture and parameter count of the shipped file (default: DeiT-Ti's)."""
+    the weights the run started from (``--init``), kept as the first stage of the history; ``model``,
+    ``params`` and ``file_name``: the shipped file's architecture, parameter count and name."""
     cfg = log.config
     stage = None
     if cfg.get("init"):
@@ -279,13 +278,9 @@ def render_card(
     return "\n".join(lines)
 
 
-def _architecture(model: ViTConfig | None, params: int | None) -> tuple[str, str]:
-    """(short name, the card's architecture line) of the shipped model; DeiT-Ti's without a config."""
-    if model is None:
-        model = deit_tiny_patch16_224(num_classes=len(CLASSES))
-        params = params or 5_526_346  # DeiT-Ti/16 with a 10-class head
-    count = f", {params:,} parameters" if params else ""
-    shape = f"embed {model.embed_dim}, depth {model.depth}, {model.num_heads} heads{count}"
+def _architecture(model: ViTConfig, params: int) -> tuple[str, str]:
+    """(short name, the card's architecture line) of the shipped model."""
+    shape = f"embed {model.embed_dim}, depth {model.depth}, {model.num_heads} heads, {params:,} parameters"
     deit_ti_shape = model.depth == 12 and model.patch_size == 16 and model.num_heads == model.embed_dim // 64
     if deit_ti_shape and model.embed_dim == 192:
         return "DeiT-Ti", f"DeiT-Ti/16 (`deit_tiny_patch16_224`: {shape})"

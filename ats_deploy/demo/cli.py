@@ -64,7 +64,7 @@ def train_config(**opts):
         "workers": opts["workers"],
         "init": _init_path(opts.get("init")),
         "guide_background": opts.get("guide_background"),
-        "arch": width_arch(opts["width"]) if opts.get("width") is not None else None,
+        "arch": width_arch(opts.get("width")),
     }
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(k for k, v in given.items() if v is not None and k not in known)
