@@ -10,6 +10,10 @@ graphs that differ from ``static`` only in what the ATS blocks compute (same wei
 - ``glue``: the same fixed selection with the gathers, token-id outputs and key masks of the real graph;
 - ``glue+scores``: the real score path (CLS attention x value norm) feeding that fixed selection;
 - ``static``: the real score path and the real sampler;
+- ``to <stage>`` (with ``--stages``, between ``glue+scores`` and ``static``): the real sampler cut after
+  that stage (``emit_portable_sampler``'s ``stop_after``: sort + CDF, normalised CDF and grid, merge sort
+  for each grid point's neighbours, the neighbour pair, the exact tie search), then the fixed selection;
+  successive steps split the sampler's cost stage by stage, and the last one (``static``) is compaction;
 - ``sampler x2`` (with ``--second-copy``): ``static`` whose blocks run the sampler twice, the second copy
   on the first one's scores (tied to its output, so it runs after it): what one more sampler costs once
   its kernels and buffers are warm, against the first copy's cost in a block whose large matrix products
@@ -35,12 +39,15 @@ from _common import cycling_timers, environment, percentiles, random_feeds  # no
 
 VARIANTS = ("dense", "floor", "glue", "glue+scores", "static")
 SECOND = "sampler x2"
+STAGE_NAMES = {"sort": "sort + CDF", "grid": "F~ and grid", "merge": "merge sort", "pair": "neighbours",
+               "search": "tie search"}
 
 
 def build(cfg, state_dict, kind: str, batch: int, max_k: int | None = None) -> bytes:
     """The ONNX model of ``kind`` (one of VARIANTS) at a static batch; ``max_k`` None: K = token count."""
     import ats_deploy.exporters.onnx as ox
     from ats_deploy.exporters.graph import FLOAT, INT64
+    from ats_deploy.exporters.sampler import emit_portable_sampler
     from ats_deploy.model.config import ATSConfig, resolve_ats
 
     def fixed_selection(g, scores, count_in, *, n, k_max, **_):
@@ -63,8 +70,17 @@ def build(cfg, state_dict, kind: str, batch: int, max_k: int | None = None) -> b
         tie = g.op("Mul", g.cast(g.op("ReduceMax", first, axes=[1], keepdims=1), FLOAT), g.const(0.0, "float32"))
         return real[0](g, g.op("Add", scores, tie), count_in, n=n, k_max=k_max, **kw)
 
+    def cut(stage):
+        def emit(g, scores, count_in, *, n, k_max, n_ref, mode, form, **kw):
+            return emit_portable_sampler(g, scores, count_in, n=n, k_max=k_max, n_ref=n_ref, mode=mode,
+                                         index_type=INT64, stop_after=stage, **kw)
+
+        return emit
+
     real = ox.emit_sampler, ox._VitEmitter.cls_scores, ox._VitEmitter.key_mask
     try:
+        if kind.startswith("to "):
+            ox.emit_sampler = cut(kind[3:])
         if kind in ("floor", "glue", "glue+scores"):
             ox.emit_sampler = fixed_selection
         if kind == SECOND:
@@ -89,9 +105,11 @@ def main() -> None:
     ap.add_argument("--inputs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--second-copy", action="store_true", help=f"also time {SECOND!r} (see the docstring)")
+    ap.add_argument("--stages", action="store_true", help="also time the sampler cut after each stage")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    variants = VARIANTS + ((SECOND,) if args.second_copy else ())
+    stages = tuple(f"to {s}" for s in STAGE_NAMES) if args.stages else ()
+    variants = VARIANTS[:-1] + stages + VARIANTS[-1:] + ((SECOND,) if args.second_copy else ())
 
     from ats_deploy.model.config import ATSConfig, resolve_ats
     from ats_deploy.model.default import default_checkpoint
@@ -130,8 +148,9 @@ def main() -> None:
           f"ONNX Runtime CPU, {args.threads} threads")
     print(f"{'batch':>5} {'variant':<12} {'rounds':>6} {'p50 ms':>8} {'p90':>8} {'p99':>8} "
           f"{'/dense [95% CI]':>24} {'added':>7}")
-    names = {"floor": "fewer slots", "glue": "gathers+masks", "glue+scores": "score path", "static": "sampler",
-             SECOND: "second sampler, warm"}
+    names = {"floor": "fewer slots", "glue": "gathers+masks", "glue+scores": "score path",
+             "static": "compaction" if args.stages else "sampler", SECOND: "second sampler, warm",
+             **{f"to {k}": v for k, v in STAGE_NAMES.items()}}
     for r in results:
         ci = f"{r['ratio']:.3f} [{r['ratio_low']:.3f}, {r['ratio_high']:.3f}]"
         added = f"{r['step']:+.3f} {names[r['variant']]}" if r["variant"] in names else ""

@@ -31,6 +31,8 @@ __all__ = [
 PLUGIN_OP = PLUGIN_NAME
 PLUGIN_DOMAIN = PLUGIN_NAMESPACE
 MODES = {"static": 0, "dynamic": 1}
+# Where a timing probe may cut the portable sampler (emit_portable_sampler's stop_after), in graph order.
+STAGES = ("scores", "sort", "grid", "merge", "pair", "search")
 
 
 def _reduce(g: GraphBuilder, op: str, x: str, axes: list[int], *, keepdims: int) -> str:
@@ -101,6 +103,7 @@ def emit_portable_sampler(
     valid: str | None = None,
     all_valid: bool = False,
     index_type: int = INT32,
+    stop_after: str | None = None,
 ) -> tuple[str, str]:
     """Standard-op sampler; ``n`` is the static slot count or a 1-element int64 tensor holding it.
 
@@ -114,8 +117,12 @@ def emit_portable_sampler(
     ``n_max`` bounds a dynamic ``n`` (it sizes the search blocks); ``valid`` is a ready [B, P] bool mask
     ``p < count_in - 1`` (the model builds it once per block for its key mask); ``all_valid`` says every
     slot is valid (the first ATS block), which drops the masking; ``index_type`` INT64 skips the casts a
-    graph that gathers with int64 would undo.
+    graph that gathers with int64 would undo. ``stop_after`` (one of :data:`STAGES`) is for timing probes
+    only: the subgraph ends after that stage and returns the first K_out slots in order, tied to the
+    stage's last result so that nothing before it is pruned (benchmarks/ats_overhead_breakdown.py).
     """
+    if stop_after is not None and stop_after not in STAGES:
+        raise ValueError(f"stop_after must be one of {STAGES}, not {stop_after!r}")
     ax1, ax2 = g.const([1]), g.const([2])
     zero_f, one_f, big_f = g.const(0.0, "float32"), g.const(1.0, "float32"), g.const(BIG, "float32")
     n_t = g.dim(n)
@@ -125,6 +132,16 @@ def emit_portable_sampler(
     k_out: Dim = min(k_max, n) if static else g.op("Min", g.const([k_max]), n_t)
     big_m = grid_size(k_max, n_ref)
     end = g.const([2**62])
+
+    def stop(stage: str, tensor: str) -> tuple[str, str] | None:
+        """A timing probe's fixed selection after ``stage`` (None: go on)."""
+        if stop_after != stage:
+            return None
+        k = k_out if isinstance(k_out, int) else k_max
+        flat = g.op("Reshape", g.cast(tensor, FLOAT), g.const([0, -1]))
+        live = g.op("Mul", g.cast(g.op("ArgMax", flat, axis=1, keepdims=1), INT64), g.const(0))
+        idx, cnt = g.op("Add", live, g.const([list(range(k))])), g.op("Squeeze", g.op("Add", live, g.const(k)), ax1)
+        return (idx, cnt) if index_type == INT64 else (g.cast(idx, INT32), g.cast(cnt, INT32))
 
     def masked(x: str, other: str) -> str:
         return x if all_valid else g.op("Where", valid, x, other)
@@ -137,6 +154,8 @@ def emit_portable_sampler(
         m_col = g.op("Unsqueeze", g.op("Sub", cnt, g.const(1)), ax1)  # [B, 1]
         valid = g.op("Less", g.op("Unsqueeze", g.arange(0, p_dim), g.const([0])), m_col)
     r = masked(r, zero_f)
+    if (cut := stop("scores", r)) is not None:
+        return cut
     # No valid score > 0 (all zero, or NaN among them): every valid patch gets the same score. The sum
     # (not the max, which may skip NaN) carries a NaN through; non-negative scores sum to 0 only if all are 0.
     no_mass = g.op("Not", g.op("Greater", _reduce(g, "ReduceSum", r, [1], keepdims=1), zero_f))
@@ -144,6 +163,8 @@ def emit_portable_sampler(
     # Ascending sort, ties by slot index (ONNX TopK semantics), padding (BIG) last.
     vals, order = g.op("TopK", key, g.dim(p_dim), axis=1, largest=0, sorted=1, outputs=2)
     cdf = g.op("CumSum", masked(vals, zero_f), ax1)  # padding adds 0.0: the last column is F_last
+    if (cut := stop("sort", cdf)) is not None:
+        return cut
     f0 = g.op("Slice", cdf, g.const([0]), ax1, ax1)
     span = g.op("Sub", g.op("Slice", cdf, g.const([-1]), end, ax1), f0)
     ft = g.op("Div", g.op("Sub", cdf, f0), g.op("Where", g.op("Greater", span, zero_f), span, one_f))
@@ -157,6 +178,8 @@ def emit_portable_sampler(
     else:
         ys = c0
     ft_v = masked(ft, big_f)  # padding far above every grid point
+    if (cut := stop("grid", ys)) is not None:
+        return cut
 
     # a_j = #{valid p : F~_p <= y_j}: ascending sort of [F~ | y] (equal values: F~ first, by index); the
     # running count of F~ entries, read at each y's position through the inverse permutation.
@@ -171,6 +194,8 @@ def emit_portable_sampler(
     # last axis (and a [B, M, 1] operand) costs one call per grid point, measured 6-8 us per node against
     # about 2 us for the same op on [B, width, M].
     a3 = g.op("Unsqueeze", a, ax1)  # [B, 1, M]
+    if (cut := stop("merge", a3)) is not None:
+        return cut
 
     # F~ between two runs of bs columns of BIG, so no position needs clamping (sorted position p is column
     # p + bs): R = a <= P reads BIG where no F~ lies above y, L = a - 1 >= -1 (-1: no valid patch), and
@@ -195,6 +220,8 @@ def emit_portable_sampler(
     diff = g.op("Sub", ys3, take(g.op("Add", a3, g.const([[bs - 1], [bs]])), 2))  # [B, 2, M]
     d_lo = g.op("Slice", diff, g.const([0]), ax1, ax1)  # [B, 1, M]
     take_hi = g.op("Greater", g.op("Add", d_lo, g.op("Slice", diff, ax1, ax2, ax1)), zero_f)
+    if (cut := stop("pair", take_hi)) is not None:
+        return cut
 
     # First argmin on the lower side: the first patch p with fl(y - F~_p) == d_lo. fl(y - F~_p) does not
     # increase with p, and patches above y or padding give negative differences, so that patch is
@@ -217,6 +244,8 @@ def emit_portable_sampler(
     c2 = count_true(g.op("Greater", g.op("Sub", ys3, inner_ft), d_lo), bs)
     first = g.op("Max", g.op("Add", first, g.op("Sub", c2, g.const(bs))), g.const(0))
     pick = g.op("Squeeze", g.op("Where", take_hi, a3, first), ax1)  # [B, M] sorted positions
+    if (cut := stop("search", pick)) is not None:
+        return cut
 
     # Kept = picked at least once; every update writes the same 1, so duplicate picks are harmless.
     ones = g.op("Expand", g.const(1), g.op("Shape", pick))  # shape-only: constant-folded for a static batch

@@ -142,3 +142,34 @@ def test_grid_points_lie_on_the_last_axis():
     assert any(shape[1] > 2 for shape in per_grid.values()), rank3  # the search blocks are among them
     wrong = {name: shape for name, shape in per_grid.items() if shape[-1] != m}
     assert not wrong, f"grid axis not last: {wrong}"
+
+
+def test_timing_probe_cuts_stage_by_stage():
+    """stop_after (benchmarks only) keeps every node up to its stage and returns the first K_out slots."""
+    from ats_deploy.exporters.sampler import STAGES
+
+    def probe(stage):
+        g = GraphBuilder("probe", opset=17)
+        scores, count = g.input("scores", FLOAT, [2, 11]), g.input("count_in", INT32, [2])
+        idx, cnt = emit_portable_sampler(g, scores, count, n=11, k_max=6, n_ref=197, mode="static", stop_after=stage)
+        g.op("Identity", idx, outputs=["indices"])
+        g.op("Identity", cnt, outputs=["count_out"])
+        g.output("indices", INT32, None)
+        g.output("count_out", INT32, None)
+        return g.model(producer="test", version="0")
+
+    x = np.random.default_rng(3).random((2, 11), dtype=np.float32)
+    c = np.full(2, 11, np.int32)
+    ops = []
+    for stage in STAGES:
+        m = probe(stage)
+        ops.append([n.op_type for n in m.graph.node])
+        idx, cnt = _run(m, x, c)
+        assert idx.tolist() == [list(range(6))] * 2 and cnt.tolist() == [6, 6]
+    full = [n.op_type for n in _sampler_model(2, 11, 6, "static", dynamic_n=False).graph.node]
+    # Each cut keeps strictly more of the sampler: its op counts grow stage by stage up to the full graph's.
+    sizes = [len(op) for op in ops]
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes) and sizes[-1] < len(full)
+    assert "TopK" not in ops[0] and ops[1].count("TopK") == 1 and ops[3].count("TopK") == 2
+    with pytest.raises(ValueError, match="stop_after must be one of"):
+        probe("compact")
