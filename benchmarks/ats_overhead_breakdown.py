@@ -44,7 +44,8 @@ STAGE_NAMES = {"sort": "sort + CDF", "grid": "F~ and grid", "merge": "merge sort
 
 
 def build(cfg, state_dict, kind: str, batch: int, max_k: int | None = None) -> bytes:
-    """The ONNX model of ``kind`` (one of VARIANTS) at a static batch; ``max_k`` None: K = token count."""
+    """The ONNX model of ``kind`` (one of VARIANTS, ``to <stage>`` or SECOND) at a static batch; ``max_k``
+    None: K = token count."""
     import ats_deploy.exporters.onnx as ox
     from ats_deploy.exporters.graph import FLOAT, INT64
     from ats_deploy.exporters.sampler import emit_portable_sampler

@@ -118,11 +118,14 @@ def emit_portable_sampler(
     ``p < count_in - 1`` (the model builds it once per block for its key mask); ``all_valid`` says every
     slot is valid (the first ATS block), which drops the masking; ``index_type`` INT64 skips the casts a
     graph that gathers with int64 would undo. ``stop_after`` (one of :data:`STAGES`) is for timing probes
-    only: the subgraph ends after that stage and returns the first K_out slots in order, tied to the
-    stage's last result so that nothing before it is pruned (benchmarks/ats_overhead_breakdown.py).
+    only, static ``n`` only: the subgraph ends after that stage and returns the first K_out slots in order,
+    tied to the stage's last result so that nothing before it is pruned
+    (benchmarks/ats_overhead_breakdown.py).
     """
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {STAGES}, not {stop_after!r}")
+    if stop_after is not None and not isinstance(n, int):
+        raise ValueError("stop_after needs a static slot count n: timing probes build static graphs only")
     ax1, ax2 = g.const([1]), g.const([2])
     zero_f, one_f, big_f = g.const(0.0, "float32"), g.const(1.0, "float32"), g.const(BIG, "float32")
     n_t = g.dim(n)
@@ -137,7 +140,7 @@ def emit_portable_sampler(
         """A timing probe's fixed selection after ``stage`` (None: go on)."""
         if stop_after != stage:
             return None
-        k = k_out if isinstance(k_out, int) else k_max
+        k = int(k_out)
         flat = g.op("Reshape", g.cast(tensor, FLOAT), g.const([0, -1]))
         live = g.op("Mul", g.cast(g.op("ArgMax", flat, axis=1, keepdims=1), INT64), g.const(0))
         idx, cnt = g.op("Add", live, g.const([list(range(k))])), g.op("Squeeze", g.op("Add", live, g.const(k)), ax1)

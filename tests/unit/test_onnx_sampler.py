@@ -173,3 +173,6 @@ def test_timing_probe_cuts_stage_by_stage():
     assert "TopK" not in ops[0] and ops[1].count("TopK") == 1 and ops[3].count("TopK") == 2
     with pytest.raises(ValueError, match="stop_after must be one of"):
         probe("compact")
+    g = GraphBuilder("probe", opset=17)
+    with pytest.raises(ValueError, match="static slot count"):
+        emit_portable_sampler(g, "s", "c", n="n", k_max=6, n_ref=197, mode="dynamic", stop_after="sort")
