@@ -243,7 +243,7 @@ def render_card(
     ]
     lines += [
         "",
-        f"## Accuracy and token savings ({report.images:,} held-out images, seed {report.seed}, 224 px)",
+        f"## Accuracy and token savings ({report.images:,} held-out images, seed {report.seed}, {report.img_size} px)",
         "",
         f"Command: `{eval_command}`",
         "",

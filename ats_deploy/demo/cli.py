@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -262,3 +263,37 @@ def demo_ship(
     weights, card, report = ship_run(run_dir, command=command, images=images, progress=sys.stderr.isatty())
     typer.echo(render_report(report))
     typer.echo(f"shipped {weights} and {card}")
+
+
+@demo_app.command("reproduce")
+@handle_errors
+def demo_reproduce(
+    out: Annotated[str, typer.Option("--out", help="Directory of the stages' runs.")] = "runs/reproduce",
+    estimate: Annotated[
+        bool, typer.Option("--estimate", help="Only predict the training time here (measured speeds), run nothing.")
+    ] = False,
+    amp: Annotated[
+        Literal["bf16", "none"] | None,
+        typer.Option("--amp", help="Override every stage's precision (default: each stage's own; weights differ)."),
+    ] = None,
+    images: Annotated[int, typer.Option("--images", min=1, help="Held-out images of the final check.")] = 2000,
+    stage_images: Annotated[
+        int, typer.Option("--stage-images", min=1, help="Held-out images of the earlier stages' cards.")
+    ] = 200,
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", min=0.0, help="Allowed top-1 difference from the shipped weights, points.")
+    ] = 1.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the shipped demo weights' recipe (all stages, one command) and check the result against them."""
+    import sys
+
+    from . import reproduce as rp
+
+    if estimate:
+        rows = rp.estimate(amp=amp)
+        typer.echo(json.dumps(rows, indent=2) if as_json else rp.render_estimate(rows))
+        return
+    rep = rp.reproduce(out, images=images, stage_images=stage_images, tolerance=tolerance, amp=amp,
+                       progress=sys.stderr.isatty() and not as_json)
+    typer.echo(json.dumps(rep.to_dict(), indent=2) if as_json else rp.render_report(rep))
