@@ -14,6 +14,9 @@ graphs that differ from ``static`` only in what the ATS blocks compute (same wei
   that stage (``emit_portable_sampler``'s ``stop_after``: sort + CDF, normalised CDF and grid, merge sort
   for each grid point's neighbours, the neighbour pair, the exact tie search), then the fixed selection;
   successive steps split the sampler's cost stage by stage, and the last one (``static``) is compaction;
+- ``+N nodes`` (with ``--node-chain N``): ``glue+scores`` with N trivial elementwise nodes (alternating
+  Add and Mul by constants ONNX Runtime does not fold away) chained on the scores before the fixed
+  selection: what N more small nodes cost per ATS block, whatever they compute;
 - ``sampler x2`` (with ``--second-copy``): ``static`` whose blocks run the sampler twice, the second copy
   on the first one's scores (tied to its output, so it runs after it): what one more sampler costs once
   its kernels and buffers are warm, against the first copy's cost in a block whose large matrix products
@@ -44,8 +47,8 @@ STAGE_NAMES = {"sort": "sort + CDF", "grid": "F~ and grid", "merge": "merge sort
 
 
 def build(cfg, state_dict, kind: str, batch: int, max_k: int | None = None) -> bytes:
-    """The ONNX model of ``kind`` (one of VARIANTS, ``to <stage>`` or SECOND) at a static batch; ``max_k``
-    None: K = token count."""
+    """The ONNX model of ``kind`` (one of VARIANTS, ``to <stage>``, ``+N nodes`` or SECOND) at a static
+    batch; ``max_k`` None: K = token count."""
     import ats_deploy.exporters.onnx as ox
     from ats_deploy.exporters.graph import FLOAT, INT64
     from ats_deploy.exporters.sampler import emit_portable_sampler
@@ -57,6 +60,15 @@ def build(cfg, state_dict, kind: str, batch: int, max_k: int | None = None) -> b
         live = g.op("Mul", g.cast(g.op("ArgMax", scores, axis=1, keepdims=1), INT64), g.const(0))
         idx = g.op("Add", live, g.const([list(range(k_out))]))
         return idx, g.op("Squeeze", g.op("Add", live, g.const(k_out)), g.const([1]))
+
+    def chained(count):
+        def emit(g, scores, count_in, **kw):
+            x = scores
+            for i in range(count):  # neither x + 0 nor x * 1: ONNX Runtime would remove those
+                x = g.op("Mul" if i % 2 else "Add", x, g.const(0.999 if i % 2 else 0.25, "float32"))
+            return fixed_selection(g, x, count_in, **kw)
+
+        return emit
 
     def no_scores(self, q_all, k_t, v_all, bias):
         g = self.g
@@ -86,6 +98,8 @@ def build(cfg, state_dict, kind: str, batch: int, max_k: int | None = None) -> b
             ox.emit_sampler = fixed_selection
         if kind == SECOND:
             ox.emit_sampler = twice
+        if kind.startswith("+") and kind.endswith(" nodes"):
+            ox.emit_sampler = chained(int(kind[1:-6]))
         if kind in ("floor", "glue"):
             ox._VitEmitter.cls_scores = no_scores
         if kind == "floor":
@@ -107,10 +121,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--second-copy", action="store_true", help=f"also time {SECOND!r} (see the docstring)")
     ap.add_argument("--stages", action="store_true", help="also time the sampler cut after each stage")
+    ap.add_argument("--node-chain", type=int, default=0, metavar="N",
+                    help="also time glue+scores with N trivial nodes more per ATS block")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     stages = tuple(f"to {s}" for s in STAGE_NAMES) if args.stages else ()
-    variants = VARIANTS[:-1] + stages + VARIANTS[-1:] + ((SECOND,) if args.second_copy else ())
+    chain = (f"+{args.node_chain} nodes",) if args.node_chain > 0 else ()
+    variants = VARIANTS[:-1] + stages + VARIANTS[-1:] + chain + ((SECOND,) if args.second_copy else ())
 
     from ats_deploy.model.config import ATSConfig, resolve_ats
     from ats_deploy.model.default import default_checkpoint
@@ -130,14 +147,16 @@ def main() -> None:
         runners = {k: OrtRunner(m, threads=args.threads, spin=False) for k, m in models.items()}
         reps = max(args.reps // b, 20)
         times = measure_interleaved(cycling_timers(runners, feeds), warmup=args.warmup, reps=reps)
-        prev = 1.0
+        prev, medians = 1.0, {}
         for k in variants:
             r = paired_ratio(times[k], times["dense"])
+            medians[k] = r.median
+            base = medians["glue+scores"] if k in chain else prev  # the chain is an add-on to glue+scores
             results.append({"batch": b, "variant": k, "rounds": reps, **{q: round(v, 2) for q, v in
                             percentiles(times[k]).items()}, "ratio": round(r.median, 3),
                             "ratio_low": round(r.low, 3), "ratio_high": round(r.high, 3),
-                            "step": round(r.median - prev, 3)})
-            prev = r.median
+                            "step": round(r.median - base, 3)})
+            prev = prev if k in chain else r.median
         for r in runners.values():
             r.close()
     env = environment()
@@ -151,6 +170,7 @@ def main() -> None:
           f"{'/dense [95% CI]':>24} {'added':>7}")
     names = {"floor": "fewer slots", "glue": "gathers+masks", "glue+scores": "score path",
              "static": "compaction" if args.stages else "sampler", SECOND: "second sampler, warm",
+             **{c: "vs glue+scores" for c in chain},
              **{f"to {k}": v for k, v in STAGE_NAMES.items()}}
     for r in results:
         ci = f"{r['ratio']:.3f} [{r['ratio_low']:.3f}, {r['ratio_high']:.3f}]"
