@@ -283,6 +283,10 @@ def demo_reproduce(
     tolerance: Annotated[
         float, typer.Option("--tolerance", min=0.0, help="Allowed top-1 difference from the shipped weights, points.")
     ] = 1.0,
+    reference: Annotated[
+        Path | None,
+        typer.Option("--reference", metavar="EVAL_JSON", help="eval.json to compare with (default: the shipped one)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the shipped demo weights' recipe (all stages, one command) and check the result against them."""
@@ -295,5 +299,5 @@ def demo_reproduce(
         typer.echo(json.dumps(rows, indent=2) if as_json else rp.render_estimate(rows))
         return
     rep = rp.reproduce(out, images=images, stage_images=stage_images, tolerance=tolerance, amp=amp,
-                       progress=sys.stderr.isatty() and not as_json)
+                       reference=reference, progress=sys.stderr.isatty() and not as_json)
     typer.echo(json.dumps(rep.to_dict(), indent=2) if as_json else rp.render_report(rep))

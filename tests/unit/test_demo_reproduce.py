@@ -140,3 +140,18 @@ def test_stages_chain_through_shipped_fp16_weights_and_the_check_gates(tmp_path)
     assert (out / "two" / "train.log").read_text() == log_before  # nothing trained again
     with pytest.raises(ConfigError, match="--images 8"):
         reproduce(out, stages=stages, images=9, stage_images=4, reference=ref)
+
+
+def test_cli_names_a_missing_reference_and_a_mismatched_image_count_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from ats_deploy.cli import app
+
+    missing = tmp_path / "nope.json"
+    res = CliRunner().invoke(app, ["demo", "reproduce", "--out", str(tmp_path / "r"), "--reference", str(missing)])
+    assert res.exit_code == 1 and f"{missing} is missing; pass --reference" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    # The shipped reference: 2,000 images; another count is refused before anything is trained.
+    res = CliRunner().invoke(app, ["demo", "reproduce", "--out", str(tmp_path / "r"), "--images", "500"])
+    assert res.exit_code == 1 and "--images 500: the reference was evaluated on 2000 images" in res.output
+    assert not (tmp_path / "r").exists()
