@@ -73,9 +73,9 @@ def _option(args: tuple[str, ...], name: str) -> list[str]:
     return [args[i + 1] for i, a in enumerate(args[:-1]) if a == name]
 
 
-def stage_phases(stage: Stage, amp: str | None = None) -> tuple[list, int, str, int]:
-    """(phases, batch size, amp, threads) of ``stage`` as ``demo train`` reads them."""
-    from .train import TrainConfig, _parse_phase
+def stage_phases(stage: Stage, amp: str | None = None) -> tuple[list, int, str, int, dict]:
+    """(phases, batch size, amp, threads, arch) of ``stage`` as ``demo train`` reads them."""
+    from .train import TrainConfig, _parse_phase, width_arch
 
     d = TrainConfig()
     args = _with_amp(stage.args, amp)
@@ -88,7 +88,8 @@ def stage_phases(stage: Stage, amp: str | None = None) -> tuple[list, int, str, 
     bs = int((_option(args, "--batch-size") or [d.batch_size])[-1])
     amp_used = (_option(args, "--amp") or [d.amp])[-1]
     threads = int((_option(args, "--threads") or [0])[-1])
-    return phases, bs, amp_used, threads
+    width = _option(args, "--width")
+    return phases, bs, amp_used, threads, width_arch(int(width[-1]) if width else None)
 
 
 def estimate(
@@ -101,19 +102,23 @@ def estimate(
     bf16_slowdown: float | None = None,
 ) -> list[dict]:
     """Predicted training minutes of every phase on this machine: its images over the training speed
-    measured here at its resolution, batch size and precision (dense steps, ``steps`` of them after a
-    warm-up) together with the speed of generating its images (the trainer does both on the same cores,
-    one after the other). Held-out checks and the ship evaluations come on top. A bf16 phase on a CPU that emulates
-    bf16 is not measured (one step would take minutes): its row says so and has no minutes."""
-    from .train import BF16_EMULATED, measure_throughput
+    measured here (on the device ``demo train`` picks) at its resolution, batch size, width and precision
+    (dense steps, ``steps`` of them after a warm-up) together with the speed of generating its images (the
+    trainer does both, one after the other). Held-out checks and the ship evaluations come on top. A bf16
+    phase on a CPU that emulates bf16 is not measured (one step would take minutes): its row says so and
+    has no minutes."""
+    from .train import BF16_EMULATED, _resolve_device, measure_throughput
     from .train import bf16_slowdown as _slowdown
 
+    device = _resolve_device("auto")
+    if device != "cpu":
+        bf16_slowdown = 1.0  # GPUs run bf16 natively; the emulation check is the CPU's
     measure = measure or measure_throughput
     render_speed = render_speed or _render_speed
     speeds: dict[tuple, float] = {}
     rows = []
     for st in stages:
-        phases, bs, amp_used, threads = stage_phases(st, amp)
+        phases, bs, amp_used, threads, arch = stage_phases(st, amp)
         for i, ph in enumerate(phases):
             row = {"stage": st.name, "phase": i, "img_size": ph.img_size, "steps": ph.steps, "batch_size": bs,
                    "images": ph.steps * bs, "amp": amp_used, "img_per_s": None, "minutes": None}
@@ -124,10 +129,10 @@ def estimate(
                     row["note"] = f"bf16 emulated here ({bf16_slowdown:.0f}x slower than float32): not timed"
                     rows.append(row)
                     continue
-            key = (ph.img_size, bs, amp_used, threads)
+            key = (ph.img_size, bs, amp_used, threads, json.dumps(arch, sort_keys=True))
             if key not in speeds:
                 train_ips = float(measure(ph.img_size, batch_size=bs, steps=steps, threads=threads or None,
-                                          amp=amp_used)["train_img_per_s"])
+                                          amp=amp_used, arch=arch, device=device)["train_img_per_s"])
                 speeds[key] = 1.0 / (1.0 / train_ips + 1.0 / float(render_speed(ph.img_size)))
             row["img_per_s"] = speeds[key]
             row["minutes"] = row["images"] / speeds[key] / 60.0

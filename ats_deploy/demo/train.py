@@ -881,6 +881,7 @@ def measure_throughput(
     y = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
     for i in range(steps + 1):
         if i == 1:
+            _sync(device)
             t0 = time.perf_counter()
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp == "bf16"):
             logits = model(x)
@@ -888,14 +889,17 @@ def measure_throughput(
         opt.zero_grad()
         loss.backward()
         opt.step()
+    _sync(device)
     train_ips = batch_size * steps / (time.perf_counter() - t0)
     model.eval()
     with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
                                                 enabled=amp == "bf16"):
         model(x)
+        _sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             model(x)
+        _sync(device)
         eval_ips = batch_size * steps / (time.perf_counter() - t0)
     return {
         "img_size": img_size,
@@ -905,6 +909,14 @@ def measure_throughput(
         "train_img_per_s": train_ips,
         "eval_img_per_s": eval_ips,
     }
+
+
+def _sync(device: str) -> None:
+    """Wait for ``device``'s queued work (CUDA runs asynchronously: a timer must not stop before it)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _set_ats(model, on: bool) -> None:

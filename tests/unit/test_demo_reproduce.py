@@ -52,25 +52,27 @@ def test_estimate_adds_training_and_image_generation_per_phase_and_skips_emulate
 
     calls = []
 
-    def measure(size, *, batch_size, steps, threads, amp):
-        calls.append((size, batch_size, amp))
+    def measure(size, *, batch_size, steps, threads, amp, arch, device):
+        calls.append((size, batch_size, amp, arch))
         return {"train_img_per_s": {32: 20.0, 48: 10.0}[size]}
 
     stages = (
         Stage("a", ("--phase", "32:10:1e-3:1", "--phase", "48:5:1e-3:1", "--phase", "32:20:1e-4:1",
                     "--batch-size", "4", "--amp", "none")),
-        Stage("b", ("--phase", "32:6:1e-4:1", "--batch-size", "8")),  # default amp: bf16
+        Stage("b", ("--phase", "32:6:1e-4:1", "--batch-size", "8", "--width", "64")),  # default amp: bf16
     )
     rows = estimate(stages, measure=measure, render_speed=lambda size: 80.0, bf16_slowdown=50.0)
     # 1 / (1/20 + 1/80) = 16 images/s at 32 px; 1 / (1/10 + 1/80) = 80/9 at 48 px.
     assert [r["minutes"] for r in rows[:3]] == pytest.approx([40 / 16 / 60, 20 / (80 / 9) / 60, 80 / 16 / 60])
-    assert calls == [(32, 4, "none"), (48, 4, "none")]  # one measurement per resolution, batch and precision
+    # One measurement per resolution, batch, precision and width.
+    assert calls == [(32, 4, "none", {}), (48, 4, "none", {})]
     assert rows[3]["minutes"] is None and "emulated" in rows[3]["note"] and rows[3]["images"] == 48
     text = render_estimate(rows)
     assert "1 phase(s) not timed" in text and "--amp none" in text
     # With --amp none every stage is timed, in float32, and the total is judged against the budget.
     rows = estimate(stages, amp="none", measure=measure, render_speed=lambda size: 80.0, bf16_slowdown=50.0)
     assert rows[3]["amp"] == "none" and rows[3]["minutes"] == pytest.approx(48 / 16 / 60)
+    assert calls[-1] == (32, 8, "none", {"embed_dim": 64, "num_heads": 1})  # stage b's own width
     assert f"{(40 + 80 + 48) / 16 / 60 + 20 / (80 / 9) / 60:.1f} minutes predicted (within" in render_estimate(rows)
 
 
