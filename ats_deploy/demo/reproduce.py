@@ -240,9 +240,10 @@ def _refuse_emulated_bf16(stages: tuple[Stage, ...], amp: str | None) -> None:
 
 
 def _run_stage(args: list[str]) -> None:
-    """``demo train args`` in a child process (the very command a user would type), its output on ours."""
+    """``demo train args`` in a child process (the very command a user would type), all its output on our
+    stderr (fd 2), so ``reproduce --json`` keeps stdout for its one JSON document."""
     cmd = [sys.executable, "-m", "ats_deploy.cli", "demo", "train", *args]
-    proc = subprocess.run(cmd)
+    proc = subprocess.run(cmd, stdout=2)
     if proc.returncode != 0:
         raise ConfigError(f"`ats-deploy demo train {shlex.join(args)}` failed (exit {proc.returncode}); fix the "
                           "error it printed above and rerun: finished stages are kept, a stopped one resumes")

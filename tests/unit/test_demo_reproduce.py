@@ -97,7 +97,7 @@ def test_compare_refuses_reports_of_other_images():
         compare_reports(a, {**a, "settings": []})
 
 
-def test_stages_chain_through_shipped_fp16_weights_and_the_check_gates(tmp_path):
+def test_stages_chain_through_shipped_fp16_weights_and_the_check_gates(tmp_path, capfd):
     """Two tiny stages: the second starts from the first one's shipped fp16 file (its log records that
     file's sha256, its card keeps the first stage's history); the final check passes within the tolerance
     and fails outside it; a finished reproduction is not trained again."""
@@ -120,6 +120,10 @@ def test_stages_chain_through_shipped_fp16_weights_and_the_check_gates(tmp_path)
     except GateFailed:
         pass
     assert shipped_last.is_file()
+    # The stages' output (demo train prints its weights' path on stdout) goes to stderr: stdout stays free
+    # for `reproduce --json`.
+    captured = capfd.readouterr()
+    assert "final.safetensors" not in captured.out and "final.safetensors" in captured.err
     s1 = out / "one" / "shipped" / "deit_tiny_shapes.safetensors"
     assert read_run_log(out / "two").init_sha256 == sha256_of(s1)
     card2 = (out / "two" / "shipped" / "MODEL_CARD.md").read_text()
