@@ -69,21 +69,27 @@ def _with_amp(args: tuple[str, ...], amp: str | None) -> tuple[str, ...]:
     return (*out, "--amp", amp)
 
 
-def stage_config(stage: Stage, amp: str | None = None):
-    """(TrainConfig, whether ``--amp`` was given) of ``stage``: its options parsed by the ``demo train``
-    command itself and mapped by :func:`ats_deploy.demo.cli.train_config`, defaults included."""
-    import typer
+def _option(args: tuple[str, ...], name: str) -> list[str]:
+    return [args[i + 1] for i, a in enumerate(args[:-1]) if a == name]
 
-    from .cli import demo_app, train_config
 
-    cmd = typer.main.get_command(demo_app).commands["train"]
+def stage_phases(stage: Stage, amp: str | None = None) -> tuple[list, int, str, int, dict]:
+    """(phases, batch size, amp, threads, arch) of ``stage`` as ``demo train`` reads them."""
+    from .train import TrainConfig, _parse_phase, width_arch
+
+    d = TrainConfig()
+    args = _with_amp(stage.args, amp)
     try:
-        params = dict(cmd.make_context("train", list(_with_amp(stage.args, amp))).params)
-    except typer.TyperException as exc:  # typer's click: unknown option, bad value
-        why = exc.format_message()
-        raise ConfigError(f"{stage.name}: {why}; write its options as `demo train` takes them") from None
-    params.pop("no_resume", None)
-    return train_config(**params), params["amp"] is not None
+        phases = [_parse_phase(p) for p in _option(args, "--phase")]
+    except ValueError as exc:
+        raise ConfigError(f"{stage.name}: --phase {exc}; write it like 112:6000:5e-4:300") from None
+    if not phases:
+        raise ConfigError(f"{stage.name}: no --phase; a recipe stage lists its phases")
+    bs = int((_option(args, "--batch-size") or [d.batch_size])[-1])
+    amp_used = (_option(args, "--amp") or [d.amp])[-1]
+    threads = int((_option(args, "--threads") or [0])[-1])
+    width = _option(args, "--width")
+    return phases, bs, amp_used, threads, width_arch(int(width[-1]) if width else None)
 
 
 def estimate(
@@ -112,8 +118,7 @@ def estimate(
     speeds: dict[tuple, float] = {}
     rows = []
     for st in stages:
-        cfg, _ = stage_config(st, amp)
-        phases, bs, amp_used, threads, arch = cfg.phases, cfg.batch_size, cfg.amp, cfg.threads, cfg.arch
+        phases, bs, amp_used, threads, arch = stage_phases(st, amp)
         for i, ph in enumerate(phases):
             row = {"stage": st.name, "phase": i, "img_size": ph.img_size, "steps": ph.steps, "batch_size": bs,
                    "images": ph.steps * bs, "amp": amp_used, "img_per_s": None, "minutes": None}
@@ -224,13 +229,10 @@ def compare_reports(shipped: dict, reproduced: dict, settings: tuple[str, ...] |
 
 def _refuse_emulated_bf16(stages: tuple[Stage, ...], amp: str | None) -> None:
     """Refuse before anything runs what ``demo train`` would refuse in the middle: a stage without
-    ``--amp`` whose precision is the default bf16, on a CPU that emulates bf16 (the same test as
-    ``demo train``'s, :func:`ats_deploy.demo.train.default_amp_refusal`)."""
+    ``--amp`` (the default bf16) on a CPU that emulates bf16."""
     from .train import _resolve_device, bf16_slowdown, default_amp_refusal
 
-    if amp is not None:
-        return
-    if not any(c.amp == "bf16" and not given for c, given in (stage_config(st) for st in stages)):
+    if amp is not None or all("--amp" in st.args for st in stages):
         return
     refusal = default_amp_refusal(_resolve_device("auto"), bf16_slowdown())
     if refusal:

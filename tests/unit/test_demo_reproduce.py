@@ -161,18 +161,3 @@ def test_cli_names_a_missing_reference_and_a_mismatched_image_count_in_one_line(
     res = CliRunner().invoke(app, ["demo", "reproduce", "--out", str(tmp_path / "r"), "--images", "500"])
     assert res.exit_code == 1 and "--images 500: the reference was evaluated on 2000 images" in res.output
     assert not (tmp_path / "r").exists()
-
-
-def test_a_stage_is_read_by_demo_train_itself_defaults_and_refusals_included():
-    from dataclasses import replace
-
-    from ats_deploy.demo.reproduce import SHIPPED_STAGES, Stage, stage_config
-    from ats_deploy.demo.train import TrainConfig
-
-    cfg, amp_given = stage_config(SHIPPED_STAGES[0])
-    assert (len(cfg.phases), cfg.batch_size, cfg.threads, amp_given) == (5, 64, 2, False)
-    assert cfg.amp == TrainConfig().amp == "bf16"  # no --amp: the trainer's default
-    assert stage_config(SHIPPED_STAGES[1])[0].amp == "none" and stage_config(SHIPPED_STAGES[1])[1]
-    assert stage_config(SHIPPED_STAGES[0], amp="none") == (replace(cfg, amp="none"), True)
-    with pytest.raises(ConfigError, match=r"^bad: No such option: --bogus.*as `demo train` takes them$"):
-        stage_config(Stage("bad", ("--bogus", "1")))
