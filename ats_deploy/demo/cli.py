@@ -10,7 +10,7 @@ import typer
 
 from .._cli_common import JsonOpt, handle_errors
 
-__all__ = ["demo_app", "train_config"]
+__all__ = ["demo_app", "stage_config", "train_config"]
 
 demo_app = typer.Typer(
     help="The procedural shapes demo: train and evaluate a DeiT-Ti on generated images.",
@@ -73,6 +73,27 @@ def train_config(**opts):
         flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
         raise ConfigError(f"{flags}: not supported by this version's trainer; drop the option or update ats-deploy")
     return TrainConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def stage_config(stage, amp: str | None = None):
+    """(TrainConfig, whether ``--amp`` was given) of a ``demo reproduce`` stage
+    (:class:`ats_deploy.demo.reproduce.Stage`): its options parsed by the ``demo train`` command itself and
+    mapped by :func:`train_config`, defaults included; ``amp`` overrides every stage's ``--amp``. Handed
+    to :func:`ats_deploy.demo.reproduce.reproduce` and ``estimate`` as their ``read_stage``."""
+    from ..errors import ConfigError
+    from .reproduce import _with_amp
+
+    cmd = typer.main.get_command(demo_app).commands["train"]
+    try:
+        params = dict(cmd.make_context("train", list(_with_amp(stage.args, amp))).params)
+    except typer.TyperException as exc:  # click's: an unknown option, a bad value
+        why = exc.format_message()
+        raise ConfigError(f"{stage.name}: {why}; write its options as `demo train` takes them") from None
+    params.pop("no_resume", None)
+    try:
+        return train_config(**params), params["amp"] is not None
+    except ConfigError as exc:
+        raise ConfigError(f"{stage.name}: {exc}") from None
 
 
 def _two_phases(opts, lo, hi, pick):
@@ -295,9 +316,9 @@ def demo_reproduce(
     from . import reproduce as rp
 
     if estimate:
-        rows = rp.estimate(amp=amp)
+        rows = rp.estimate(read_stage=stage_config, amp=amp)
         typer.echo(json.dumps(rows, indent=2) if as_json else rp.render_estimate(rows))
         return
-    rep = rp.reproduce(out, images=images, stage_images=stage_images, tolerance=tolerance, amp=amp,
-                       reference=reference, progress=sys.stderr.isatty() and not as_json)
+    rep = rp.reproduce(out, read_stage=stage_config, images=images, stage_images=stage_images,
+                       tolerance=tolerance, amp=amp, reference=reference, progress=sys.stderr.isatty() and not as_json)
     typer.echo(json.dumps(rep.to_dict(), indent=2) if as_json else rp.render_report(rep))

@@ -17,12 +17,20 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, GateFailed, InputError
 
-__all__ = ["SHIPPED_STAGES", "Stage", "compare_reports", "estimate", "render_estimate", "render_report", "reproduce"]
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
+__all__ = [
+    "SHIPPED_STAGES", "Stage", "StageReader", "compare_reports", "estimate", "render_estimate", "render_report",
+    "reproduce",
+]
 
 BUDGET_MIN = 150.0  # the recipe's budget on a 2-core machine
 
@@ -69,32 +77,16 @@ def _with_amp(args: tuple[str, ...], amp: str | None) -> tuple[str, ...]:
     return (*out, "--amp", amp)
 
 
-def _option(args: tuple[str, ...], name: str) -> list[str]:
-    return [args[i + 1] for i, a in enumerate(args[:-1]) if a == name]
-
-
-def stage_phases(stage: Stage, amp: str | None = None) -> tuple[list, int, str, int, dict]:
-    """(phases, batch size, amp, threads, arch) of ``stage`` as ``demo train`` reads them."""
-    from .train import TrainConfig, _parse_phase, width_arch
-
-    d = TrainConfig()
-    args = _with_amp(stage.args, amp)
-    try:
-        phases = [_parse_phase(p) for p in _option(args, "--phase")]
-    except ValueError as exc:
-        raise ConfigError(f"{stage.name}: --phase {exc}; write it like 112:6000:5e-4:300") from None
-    if not phases:
-        raise ConfigError(f"{stage.name}: no --phase; a recipe stage lists its phases")
-    bs = int((_option(args, "--batch-size") or [d.batch_size])[-1])
-    amp_used = (_option(args, "--amp") or [d.amp])[-1]
-    threads = int((_option(args, "--threads") or [0])[-1])
-    width = _option(args, "--width")
-    return phases, bs, amp_used, threads, width_arch(int(width[-1]) if width else None)
+# How a stage's options become a TrainConfig: ``read_stage(stage, amp) -> (config, whether --amp was given)``.
+# The CLI layer hands in ``demo train``'s own parser (:func:`ats_deploy.demo.cli.stage_config`); this module
+# does not import the CLI (the CLI imports it), so nothing here parses options by hand.
+StageReader = Callable[[Stage, "str | None"], "tuple[TrainConfig, bool]"]
 
 
 def estimate(
     stages: tuple[Stage, ...] = SHIPPED_STAGES,
     *,
+    read_stage: StageReader,
     amp: str | None = None,
     steps: int = 3,
     measure=None,
@@ -118,7 +110,8 @@ def estimate(
     speeds: dict[tuple, float] = {}
     rows = []
     for st in stages:
-        phases, bs, amp_used, threads, arch = stage_phases(st, amp)
+        cfg, _ = read_stage(st, amp)
+        phases, bs, amp_used, threads, arch = cfg.phases, cfg.batch_size, cfg.amp, cfg.threads, cfg.arch
         for i, ph in enumerate(phases):
             row = {"stage": st.name, "phase": i, "img_size": ph.img_size, "steps": ph.steps, "batch_size": bs,
                    "images": ph.steps * bs, "amp": amp_used, "img_per_s": None, "minutes": None}
@@ -227,12 +220,15 @@ def compare_reports(shipped: dict, reproduced: dict, settings: tuple[str, ...] |
     return out
 
 
-def _refuse_emulated_bf16(stages: tuple[Stage, ...], amp: str | None) -> None:
+def _refuse_emulated_bf16(stages: tuple[Stage, ...], amp: str | None, read_stage: StageReader) -> None:
     """Refuse before anything runs what ``demo train`` would refuse in the middle: a stage without
-    ``--amp`` (the default bf16) on a CPU that emulates bf16."""
+    ``--amp`` whose precision is the default bf16, on a CPU that emulates bf16 (the test ``demo train``
+    applies, :func:`ats_deploy.demo.train.default_amp_refusal`)."""
     from .train import _resolve_device, bf16_slowdown, default_amp_refusal
 
-    if amp is not None or all("--amp" in st.args for st in stages):
+    if amp is not None:
+        return
+    if not any(cfg.amp == "bf16" and not given for cfg, given in (read_stage(st, None) for st in stages)):
         return
     refusal = default_amp_refusal(_resolve_device("auto"), bf16_slowdown())
     if refusal:
@@ -252,6 +248,7 @@ def _run_stage(args: list[str]) -> None:
 def reproduce(
     out_dir: str | Path,
     *,
+    read_stage: StageReader,
     stages: tuple[Stage, ...] = SHIPPED_STAGES,
     images: int = 2000,
     stage_images: int = 200,
@@ -275,7 +272,9 @@ def reproduce(
     if int(ref.get("images", 0)) != images:
         raise ConfigError(f"--images {images}: the reference was evaluated on {ref.get('images')} images; use "
                           f"--images {ref.get('images')} so both see the same held-out images")
-    _refuse_emulated_bf16(stages, amp)
+    for st in stages:  # every stage's options are read (and refused) before the first one starts
+        read_stage(st, amp)
+    _refuse_emulated_bf16(stages, amp, read_stage)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a directory; pass a run directory (new or existing)")

@@ -8,6 +8,7 @@ import shlex
 
 import pytest
 
+from ats_deploy.demo.cli import stage_config
 from ats_deploy.errors import ConfigError, GateFailed, InputError
 
 
@@ -61,7 +62,8 @@ def test_estimate_adds_training_and_image_generation_per_phase_and_skips_emulate
                     "--batch-size", "4", "--amp", "none")),
         Stage("b", ("--phase", "32:6:1e-4:1", "--batch-size", "8", "--width", "64")),  # default amp: bf16
     )
-    rows = estimate(stages, measure=measure, render_speed=lambda size: 80.0, bf16_slowdown=50.0)
+    kw = dict(read_stage=stage_config, measure=measure, render_speed=lambda size: 80.0, bf16_slowdown=50.0)
+    rows = estimate(stages, **kw)
     # 1 / (1/20 + 1/80) = 16 images/s at 32 px; 1 / (1/10 + 1/80) = 80/9 at 48 px.
     assert [r["minutes"] for r in rows[:3]] == pytest.approx([40 / 16 / 60, 20 / (80 / 9) / 60, 80 / 16 / 60])
     # One measurement per resolution, batch, precision and width.
@@ -70,7 +72,7 @@ def test_estimate_adds_training_and_image_generation_per_phase_and_skips_emulate
     text = render_estimate(rows)
     assert "1 phase(s) not timed" in text and "--amp none" in text
     # With --amp none every stage is timed, in float32, and the total is judged against the budget.
-    rows = estimate(stages, amp="none", measure=measure, render_speed=lambda size: 80.0, bf16_slowdown=50.0)
+    rows = estimate(stages, amp="none", **kw)
     assert rows[3]["amp"] == "none" and rows[3]["minutes"] == pytest.approx(48 / 16 / 60)
     assert calls[-1] == (32, 8, "none", {"embed_dim": 64, "num_heads": 1})  # stage b's own width
     assert f"{(40 + 80 + 48) / 16 / 60 + 20 / (80 / 9) / 60:.1f} minutes predicted (within" in render_estimate(rows)
@@ -83,7 +85,7 @@ def test_a_default_bf16_stage_is_refused_before_anything_runs_where_bf16_is_emul
     monkeypatch.setattr(tr, "bf16_slowdown", lambda *a, **k: 97.0)
     stage = Stage("s", ("--phase", "32:2:1e-3:1", "--batch-size", "4"))
     with pytest.raises(ConfigError, match=r"no native bf16.*--amp none \(every stage in float32"):
-        reproduce(tmp_path / "r", stages=(stage,), images=2000)
+        reproduce(tmp_path / "r", read_stage=stage_config, stages=(stage,), images=2000)
     assert not (tmp_path / "r").exists()  # nothing started
 
 
@@ -116,7 +118,7 @@ def test_stages_chain_through_shipped_fp16_weights_and_the_check_gates(tmp_path,
     ref = tmp_path / "eval.json"
     ref.write_text(json.dumps(placeholder))
     try:
-        reproduce(out, stages=stages, images=8, stage_images=4, reference=ref)
+        reproduce(out, read_stage=stage_config, stages=stages, images=8, stage_images=4, reference=ref)
     except GateFailed:
         pass
     assert shipped_last.is_file()
@@ -136,16 +138,16 @@ def test_stages_chain_through_shipped_fp16_weights_and_the_check_gates(tmp_path,
     for shift, ok in ((0.5, True), (-0.9, True), (1.5, False)):
         ref.write_text(json.dumps({**mine, "settings": [{**s, "top1": s["top1"] + shift} for s in mine["settings"]]}))
         if ok:
-            rep = reproduce(out, stages=stages, images=8, stage_images=4, reference=ref)
+            rep = reproduce(out, read_stage=stage_config, stages=stages, images=8, stage_images=4, reference=ref)
             assert rep.passed and [round(c.delta, 6) for c in rep.comparisons] == [-shift, -shift]
             assert not any(s["ran_now"] for s in rep.stages)
         else:
             with pytest.raises(GateFailed, match=r"reproduction off: dense top-1 .* \(-1\.50, tolerance 1\.0\)"):
-                reproduce(out, stages=stages, images=8, stage_images=4, reference=ref)
+                reproduce(out, read_stage=stage_config, stages=stages, images=8, stage_images=4, reference=ref)
         assert json.loads((out / "reproduce.json").read_text())["passed"] is ok
     assert (out / "two" / "train.log").read_text() == log_before  # nothing trained again
     with pytest.raises(ConfigError, match="--images 8"):
-        reproduce(out, stages=stages, images=9, stage_images=4, reference=ref)
+        reproduce(out, read_stage=stage_config, stages=stages, images=9, stage_images=4, reference=ref)
 
 
 def test_cli_names_a_missing_reference_and_a_mismatched_image_count_in_one_line(tmp_path):
@@ -160,4 +162,32 @@ def test_cli_names_a_missing_reference_and_a_mismatched_image_count_in_one_line(
     # The shipped reference: 2,000 images; another count is refused before anything is trained.
     res = CliRunner().invoke(app, ["demo", "reproduce", "--out", str(tmp_path / "r"), "--images", "500"])
     assert res.exit_code == 1 and "--images 500: the reference was evaluated on 2000 images" in res.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_stage_is_read_by_demo_train_itself_defaults_and_refusals_included():
+    from dataclasses import replace
+
+    from ats_deploy.demo.reproduce import SHIPPED_STAGES, Stage
+    from ats_deploy.demo.train import TrainConfig
+
+    cfg, amp_given = stage_config(SHIPPED_STAGES[0])
+    assert (len(cfg.phases), cfg.batch_size, cfg.threads, amp_given) == (5, 64, 2, False)
+    assert cfg.amp == TrainConfig().amp == "bf16"  # no --amp: the trainer's default
+    assert stage_config(SHIPPED_STAGES[1])[0].amp == "none" and stage_config(SHIPPED_STAGES[1])[1]
+    assert stage_config(SHIPPED_STAGES[0], amp="none") == (replace(cfg, amp="none"), True)
+    # --width as demo train reads it, not as a hand-written scanner would.
+    assert stage_config(Stage("w", ("--phase", "32:1:1e-3:0", "--width", "128")))[0].arch == {
+        "embed_dim": 128, "num_heads": 2}
+    with pytest.raises(ConfigError, match=r"^bad: No such option: --bogus.*as `demo train` takes them$"):
+        stage_config(Stage("bad", ("--bogus", "1")))
+
+
+def test_a_bad_later_stage_is_refused_before_the_first_one_trains(tmp_path):
+    from ats_deploy.demo.reproduce import Stage, reproduce
+
+    stages = (_tiny("one", "32:1:1e-3:0"), Stage("two", ("--phase", "32:x:1e-3:0")))
+    # --amp given: the bf16 check reads no stage, so only the up-front reading stops stage two.
+    with pytest.raises(ConfigError, match=r"^two: --phase: .*112:6000:5e-4:300$"):
+        reproduce(tmp_path / "r", read_stage=stage_config, stages=stages, images=2000, amp="none")
     assert not (tmp_path / "r").exists()
