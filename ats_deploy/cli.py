@@ -733,6 +733,29 @@ def plugin_build(
         typer.echo(f"built {lib}")
 
 
+@plugin_app.command("build-ort")
+@handle_errors
+def plugin_build_ort(
+    onnxruntime_root: Annotated[
+        Path | None,
+        typer.Option("--onnxruntime-root", help="ONNX Runtime release holding include/onnxruntime_c_api.h (>= 1.16)."),
+    ] = None,
+    build_dir: Annotated[Path, typer.Option("--build-dir", help="CMake build directory.")] = Path("build/ats_ort"),
+    source_dir: Annotated[
+        Path | None, typer.Option("--source-dir", help="Op sources (default: the ones shipped with ats-deploy).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build libats_sampler_ort.so: the sampler node of a plugin-form ONNX as an ONNX Runtime CPU op."""
+    from .exporters.ort_op import ORT_OPS_ENV, build_ort_op
+
+    lib = build_ort_op(build_dir=build_dir, onnxruntime_root=onnxruntime_root, source_dir=source_dir)
+    if as_json:
+        _print_json({"library": str(lib)})
+    else:
+        typer.echo(f"built {lib}; ONNX Runtime runs model.plugin.onnx with it once {ORT_OPS_ENV}={lib.resolve()}")
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"ats-deploy {__version__}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DependencyError, InputError
+from ..errors import ConfigError, DependencyError, InputError
 from .base import Runner, check_pixels
 
 __all__ = ["OrtRunner"]
@@ -16,15 +16,27 @@ class OrtRunner(Runner):
     name = "onnxruntime"
 
     def __init__(
-        self, model: str | Path | bytes, *, providers: list[str] | None = None, threads: int = 0, spin: bool = True
+        self,
+        model: str | Path | bytes,
+        *,
+        providers: list[str] | None = None,
+        threads: int = 0,
+        spin: bool = True,
+        custom_ops: str | Path | None = None,
     ) -> None:
         """``spin=False`` stops idle intra-op threads from spinning after a run: needed when several
-        sessions are timed round-robin, or the idle ones steal the cores of the one being timed."""
+        sessions are timed round-robin, or the idle ones steal the cores of the one being timed.
+        ``custom_ops``: libats_sampler_ort.so, the sampler op of a plugin-form ONNX (default $ATS_ORT_OPS)."""
         try:
             import onnxruntime as ort
         except ImportError as exc:
             raise DependencyError("ONNX Runtime is not installed; pip install onnxruntime") from exc
+        from ..exporters.ort_op import ORT_OPS_ENV, ort_op_library
+
         opts = ort.SessionOptions()
+        library = ort_op_library(custom_ops)
+        if library is not None:
+            opts.register_custom_ops_library(str(library))
         if threads:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
@@ -36,7 +48,20 @@ class OrtRunner(Runner):
             raise InputError(f"ONNX file {model} does not exist; run ats-deploy export first")
         avail = ort.get_available_providers()
         chosen = [p for p in (providers or ["CPUExecutionProvider"]) if p in avail] or ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(src, sess_options=opts, providers=chosen)
+        try:
+            self.session = ort.InferenceSession(src, sess_options=opts, providers=chosen)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            if "AdaptiveTokenSampler" not in str(exc):
+                raise
+            if library is None:
+                raise DependencyError(
+                    "this ONNX holds the sampler as one ats::AdaptiveTokenSampler node (plugin form): ONNX Runtime "
+                    f"runs it with libats_sampler_ort.so (build it with `ats-deploy plugin build-ort`, set "
+                    f"{ORT_OPS_ENV} to its path), or use the portable model.onnx"
+                ) from None
+            why = str(exc).split("ats::AdaptiveTokenSampler: ", 1)[-1].strip().splitlines()[0]
+            raise ConfigError(f"{library} refused the sampler node: {why}") from None
+        self.custom_ops = library
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.static_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
