@@ -166,3 +166,25 @@ def test_the_shipped_sources_are_the_ones_the_wheel_packages():
     from ats_deploy.exporters.plugin_lib import PLUGIN_NAME, PLUGIN_NAMESPACE
 
     assert f'kDomain = "{PLUGIN_NAMESPACE}"' in text and f'kOpName = "{PLUGIN_NAME}"' in text
+
+
+def test_the_cli_build_refuses_a_root_without_the_header_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from ats_deploy.cli import app
+
+    res = CliRunner().invoke(app, ["plugin", "build-ort", "--onnxruntime-root", str(tmp_path),
+                                   "--build-dir", str(tmp_path / "b")])
+    assert res.exit_code != 0 and res.output.count("\n") == 1
+    assert res.output.startswith("error: onnxruntime_c_api.h not found under") and not (tmp_path / "b").exists()
+
+
+def test_an_explicit_library_wins_over_the_environment(monkeypatch, tmp_path):
+    from ats_deploy.exporters.ort_op import ort_op_library
+
+    lib = tmp_path / "libats_sampler_ort.so"
+    lib.write_bytes(b"")
+    monkeypatch.setenv("ATS_ORT_OPS", str(tmp_path / "elsewhere.so"))
+    assert ort_op_library(lib) == lib
+    monkeypatch.delenv("ATS_ORT_OPS")
+    assert ort_op_library() is None
