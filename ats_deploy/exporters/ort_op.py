@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ats_deploy.errors import DependencyError, ExportError, InputError
 
-from .plugin_lib import _make_build_dir, _run, find_cmake
+from .plugin_lib import _make_build_dir, _run, find_cmake, source_dir
 
 __all__ = [
     "ORT_OPS_ENV",
@@ -40,15 +40,7 @@ _HEADER_DIRS = ("include", "include/onnxruntime", "include/onnxruntime/core/sess
 
 def ort_op_source_dir() -> Path:
     """``plugins/ats_sampler_ort`` of a checkout, or the copy an installed wheel ships as package data."""
-    package_root = Path(__file__).resolve().parents[1]
-    candidates = (package_root.parent / "plugins" / "ats_sampler_ort", package_root / "_plugin_src" / "ats_sampler_ort")
-    for candidate in candidates:
-        if (candidate / "CMakeLists.txt").is_file():
-            return candidate
-    raise DependencyError(
-        f"ONNX Runtime op sources not found (looked in {', '.join(str(c) for c in candidates)}): "
-        "reinstall ats-deploy or run from a checkout of the repository"
-    )
+    return source_dir("ats_sampler_ort", "ONNX Runtime op sources")
 
 
 def find_onnxruntime_headers(onnxruntime_root: str | os.PathLike[str] | None = None) -> Path:

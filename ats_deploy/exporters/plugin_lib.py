@@ -34,6 +34,7 @@ __all__ = [
     "find_tensorrt_root",
     "kernel_compile_check",
     "plugin_source_dir",
+    "source_dir",
 ]
 
 PLUGIN_NAME = "AdaptiveTokenSampler"
@@ -66,16 +67,19 @@ def plugin_source_dir() -> Path:
     A checkout has them at ``<repo>/plugins/ats_sampler``; an installed wheel ships them as package data at
     ``ats_deploy/_plugin_src/ats_sampler`` (see pyproject.toml). Raises DependencyError when neither exists.
     """
+    return source_dir("ats_sampler", "plugin sources")
+
+
+def source_dir(name: str, what: str) -> Path:
+    """``<repo>/plugins/<name>`` of a checkout, else the package-data copy ``ats_deploy/_plugin_src/<name>`` an
+    installed wheel ships; the first holding a CMakeLists.txt. DependencyError naming ``what`` when neither does."""
     package_root = Path(__file__).resolve().parents[1]  # .../ats_deploy
-    candidates = (
-        package_root.parent / "plugins" / "ats_sampler",
-        package_root / "_plugin_src" / "ats_sampler",
-    )
+    candidates = (package_root.parent / "plugins" / name, package_root / "_plugin_src" / name)
     for candidate in candidates:
         if (candidate / "CMakeLists.txt").is_file():
             return candidate
     raise DependencyError(
-        f"plugin sources not found (looked in {', '.join(str(c) for c in candidates)}): "
+        f"{what} not found (looked in {', '.join(str(c) for c in candidates)}): "
         "reinstall ats-deploy or run from a checkout of the repository"
     )
 

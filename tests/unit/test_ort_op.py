@@ -188,3 +188,25 @@ def test_an_explicit_library_wins_over_the_environment(monkeypatch, tmp_path):
     assert ort_op_library(lib) == lib
     monkeypatch.delenv("ATS_ORT_OPS")
     assert ort_op_library() is None
+
+
+def test_source_lookup_prefers_the_checkout_and_names_what_is_missing(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from ats_deploy.errors import DependencyError
+    from ats_deploy.exporters import plugin_lib
+
+    repo = Path(__file__).parents[2]
+    assert plugin_lib.source_dir("ats_sampler_ort", "x") == repo / "plugins" / "ats_sampler_ort"
+    assert plugin_lib.plugin_source_dir() == repo / "plugins" / "ats_sampler"
+    # A fake package tree: only the package-data copy exists, so it is the one found.
+    pkg = tmp_path / "ats_deploy"
+    (pkg / "exporters").mkdir(parents=True)
+    (pkg / "_plugin_src" / "only_here").mkdir(parents=True)
+    (pkg / "_plugin_src" / "only_here" / "CMakeLists.txt").write_text("")
+    monkeypatch.setattr(plugin_lib, "__file__", str(pkg / "exporters" / "plugin_lib.py"))
+    assert plugin_lib.source_dir("only_here", "x") == pkg / "_plugin_src" / "only_here"
+    with pytest.raises(DependencyError) as err:
+        plugin_lib.source_dir("ats_sampler_ort", "ONNX Runtime op sources")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("ONNX Runtime op sources not found") and "reinstall ats-deploy" in msg
