@@ -55,6 +55,14 @@ ShapeOpt = Annotated[
     Literal["static", "dynamic"],
     typer.Option("--shape", help="static (fixed K_out slots + count) or dynamic (slice to the batch's max count)."),
 ]
+OrtOpsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ort-ops",
+        help="--backend onnxruntime: libats_sampler_ort.so (ats-deploy plugin build-ort); static ATS then runs its "
+        "sampler as one op per block (default $ATS_ORT_OPS).",
+    ),
+]
 SkipOpt = Annotated[
     bool,
     typer.Option(
@@ -484,6 +492,7 @@ def report(
         Path | None,
         typer.Option("--plugin-lib", help="--backend tensorrt: libats_sampler.so (default $ATS_SAMPLER_PLUGIN)."),
     ] = None,
+    ort_ops: OrtOpsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Latency, tokens kept, GFLOPs and parity of ATS vs the dense model, side by side; writes report/.
@@ -513,6 +522,7 @@ def report(
         seed=seed,
         skip_unreadable=skip_unreadable,
         plugin_lib=plugin_lib,
+        ort_ops=ort_ops,
     )
     if as_json:
         _print_json(rep.data)
@@ -549,6 +559,7 @@ def tune_k_cmd(
     fp32: Annotated[bool, typer.Option("--fp32", help="torch on CUDA: no fp16 autocast.")] = False,
     heads: HeadsOpt = None,
     trust_pickle: TrustOpt = False,
+    ort_ops: OrtOpsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure dense latency vs token count and propose per-block K on its steps, never slower than dense.
@@ -581,17 +592,23 @@ def tune_k_cmd(
         fp16=not fp32,
         trust_pickle=trust_pickle,
         progress=not as_json,
+        ort_ops=ort_ops,
     )
     if as_json:
         _print_json(res.to_dict())
     else:
         typer.echo(format_tune(res))
+        with_op = res.sampler.startswith("one op")
         if res.feasible:
-            typer.echo(f"use: ats-deploy export ... --max-k {','.join(map(str, res.k_schedule))}")
+            op = " --sampler plugin (then run model.plugin.onnx with $ATS_ORT_OPS set)" if with_op else ""
+            typer.echo(f"use: ats-deploy export ... --max-k {','.join(map(str, res.k_schedule))}{op}")
         else:
+            op = "" if with_op or backend != "onnxruntime" else (
+                ", or the sampler as one op (ats-deploy plugin build-ort, then --ort-ops)"
+            )
             typer.echo(
                 "hint: static ATS does not beat dense here at this batch; try --shape dynamic (compute follows K'),"
-                " a larger batch, or a looser --target"
+                f" a larger batch, or a looser --target{op}"
             )
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "paired_ratio",
     "Ratio",
     "make_factory",
+    "ort_sampler_form",
     "environment",
     "progress_bar",
     "report",
@@ -191,16 +192,22 @@ def make_factory(
     fp16: bool = True,
     exported: tuple[ATSConfig, Path, int | None] | None = None,
     plugin_lib: str | os.PathLike[str] | None = None,
+    ort_ops: str | os.PathLike[str] | None = None,
 ) -> tuple[RunnerFactory, dict]:
     """``factory(ats, batch) -> Runner`` for one backend, and a description of it for the report.
 
     ``exported`` = (ATS config, model.onnx path, static batch or None): the exported file is used as is
     where its ATS config and batch fit; every other (ATS config, batch) pair is rebuilt in memory from
     the same weights with :func:`build_graph` (the dense model always is).
+    ``ort_ops`` (onnxruntime; default $ATS_ORT_OPS): libats_sampler_ort.so. With it, static-shape ATS models
+    run in the plugin form, the sampler as one op per block (``model.plugin.onnx`` where the export has it);
+    dynamic-shape ones keep the portable form, which the op does not serve.
     """
     cfg, sd = ckpt.config, ckpt.state_dict
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+    if ort_ops is not None and backend != "onnxruntime":
+        raise ConfigError(f"--ort-ops is for --backend onnxruntime (the {backend} backend does not load it); drop it")
 
     def onnx_model(ats: ATSConfig, batch: int, sampler: str = "portable"):
         from ..exporters.onnx import GraphOptions, build_graph
@@ -211,23 +218,40 @@ def make_factory(
         if _torch_cuda_available():
             from ..runtime.torch_cuda import TorchCudaRunner
 
-            info = {"name": "torch", "device": "cuda", "precision": "fp16" if fp16 else "fp32", "cuda_graphs": True}
+            info = {"name": "torch", "device": "cuda", "precision": "fp16" if fp16 else "fp32", "cuda_graphs": True,
+                    "sampler": "PyTorch (select_tokens)"}
             return (lambda ats, b: TorchCudaRunner(ckpt, ats, batch=b, fp16=fp16)), info
         try:
             from ..runtime.torch_runner import TorchRunner
         except ImportError as exc:  # pragma: no cover - torch missing entirely
             raise DependencyError("the torch backend needs PyTorch; pip install torch") from exc
-        info = {"name": "torch", "device": "cpu", "precision": "fp32", "cuda_graphs": False}
+        info = {"name": "torch", "device": "cpu", "precision": "fp32", "cuda_graphs": False,
+                "sampler": "PyTorch (select_tokens)"}
         return (lambda ats, b: TorchRunner(ckpt, ats)), info
 
     if backend == "onnxruntime":
 
-        def ort(ats: ATSConfig, batch: int) -> Runner:
-            if exported is not None and exported[0] == ats and exported[2] in (None, batch):
-                return OrtRunner(exported[1], threads=threads, spin=False)
-            return OrtRunner(onnx_model(ats, batch).SerializeToString(), threads=threads, spin=False)
+        from ..exporters.ort_op import ort_op_library
 
-        info = {"name": "onnxruntime", "device": "cpu", "precision": "fp32", "cuda_graphs": False}
+        lib = ort_op_library(ort_ops)
+
+        def ort(ats: ATSConfig, batch: int) -> Runner:
+            form = ort_sampler_form(ats, lib)
+            if exported is not None and exported[0] == ats and exported[2] in (None, batch):
+                path = exported[1] if form == "portable" else exported[1].with_name("model.plugin.onnx")
+                if path.is_file():
+                    return OrtRunner(path, threads=threads, spin=False, custom_ops=lib)
+            proto = onnx_model(ats, batch, form)
+            return OrtRunner(proto.SerializeToString(), threads=threads, spin=False, custom_ops=lib)
+
+        info = {
+            "name": "onnxruntime",
+            "device": "cpu",
+            "precision": "fp32",
+            "cuda_graphs": False,
+            "sampler": "portable subgraph" if lib is None else f"one op per block in static mode ({lib})",
+            "ort_ops": None if lib is None else str(lib),
+        }
         return ort, info
 
     trt = trt_runner_factory(fp16=fp16, plugin_lib=plugin_lib)
@@ -237,8 +261,15 @@ def make_factory(
         proto = onnx_model(ats, batch, "plugin" if ats.enabled else "portable")
         return trt(proto, f"{'ats' if ats.enabled else 'dense'}_b{batch}", batch, cfg=cfg, ats=ats)
 
-    info = {"name": "tensorrt", "device": "cuda", "precision": "fp32", "cuda_graphs": True}
+    info = {"name": "tensorrt", "device": "cuda", "precision": "fp32", "cuda_graphs": True,
+            "sampler": "one plugin node per block (libats_sampler.so)"}
     return trt_model, info
+
+
+def ort_sampler_form(ats: ATSConfig, ort_ops: object) -> str:
+    """The sampler form ONNX Runtime runs ``ats`` in: "plugin" (one op per block) when the op library is
+    there and the shapes are static, else "portable" (the op serves static mode only)."""
+    return "plugin" if ort_ops is not None and ats.enabled and ats.shape_mode == "static" else "portable"
 
 
 def trt_runner_factory(
@@ -542,12 +573,20 @@ def _slots_processed(cfg, ats: ATSConfig, runner: Runner, chunks: Sequence[np.nd
     return slots
 
 
-def ort_ats_share(model: bytes, feeds: Sequence[Mapping[str, np.ndarray]], *, threads: int = 0, runs: int = 10) -> dict:
+def ort_ats_share(
+    model: bytes,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    *,
+    threads: int = 0,
+    runs: int = 10,
+    custom_ops: str | os.PathLike[str] | None = None,
+) -> dict:
     """Share of ONNX Runtime's node time spent in each ATS block's score and sampler nodes (``*/ats/*``),
     from its profiler: per block (of that block's node time) and overall (of the whole graph's).
 
     The profiler adds a few microseconds to every node, so many small nodes weigh a little more than
     they do unprofiled: read it as an upper estimate. One warm-up run precedes the ``runs`` profiled ones.
+    ``custom_ops``: the sampler op library, for a plugin-form model (its one sampler node is under ``*/ats/``).
     """
     import json as _json
 
@@ -555,6 +594,8 @@ def ort_ats_share(model: bytes, feeds: Sequence[Mapping[str, np.ndarray]], *, th
 
     so = ort.SessionOptions()
     so.enable_profiling = True
+    if custom_ops is not None:
+        so.register_custom_ops_library(str(custom_ops))
     if threads:
         so.intra_op_num_threads = threads
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -609,6 +650,7 @@ def report(
     seed: int = 0,
     skip_unreadable: bool = False,
     plugin_lib: str | os.PathLike[str] | None = None,
+    ort_ops: str | os.PathLike[str] | None = None,
 ) -> LatencyReport:
     """Measure the export's ATS model against its dense twin on ``backend``; write report.{json,md} + PNGs.
 
@@ -653,8 +695,11 @@ def report(
     exported = (ats, onnx_path, man["graph"].get("batch")) if onnx_path.exists() else None
     opset = int(man["graph"].get("opset", 17))
     factory, info = make_factory(
-        backend, ckpt, opset=opset, threads=threads, fp16=fp16, exported=exported, plugin_lib=plugin_lib
+        backend, ckpt, opset=opset, threads=threads, fp16=fp16, exported=exported, plugin_lib=plugin_lib,
+        ort_ops=ort_ops,
     )
+    if backend == "onnxruntime" and ort_sampler_form(ats, info["ort_ops"]) == "portable":
+        info["sampler"] = "portable subgraph"  # dynamic shapes: the op does not serve them
     dense = ATSConfig()
     rows: list[dict] = []
     timer_name = ""
@@ -694,9 +739,13 @@ def report(
                         from ..exporters.onnx import GraphOptions, build_graph
 
                         advance(0, description=f"batch {b}: profiling")
-                        proto = build_graph(cfg, ckpt.state_dict, ats, GraphOptions(batch=b, opset=opset))
+                        lib = info["ort_ops"]
+                        form = ort_sampler_form(ats, lib)
+                        opts = GraphOptions(batch=b, opset=opset, sampler=form)  # type: ignore[arg-type]
+                        proto = build_graph(cfg, ckpt.state_dict, ats, opts)
                         feeds = [{"pixels": c} for c in chunks]
-                        share = ort_ats_share(proto.SerializeToString(), feeds, threads=threads)
+                        share = ort_ats_share(proto.SerializeToString(), feeds, threads=threads,
+                                              custom_ops=lib if form == "plugin" else None)
                 info["precision"] = getattr(runners["ats"], "precision", info["precision"])
                 if b == bs[-1]:
                     advance(0, description="token statistics")

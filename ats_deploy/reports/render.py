@@ -121,7 +121,8 @@ def render_markdown(data: dict) -> str:
         f"heads {arch['num_heads']}; ATS blocks {ats['blocks']} K {ats['k_schedule']} ({ats['shape_mode']}), "
         f"n_ref {ats['n_ref']}",
         f"- backend: {be['name']} on {be.get('device', '?')}, {be.get('precision', '?')}, "
-        f"CUDA graphs {'on' if be.get('cuda_graphs') else 'off'}; timer: {be.get('timer', '?')}",
+        f"CUDA graphs {'on' if be.get('cuda_graphs') else 'off'}; timer: {be.get('timer', '?')}"
+        + (f"; sampler: {be['sampler']}" if be.get("sampler") else ""),
         f"- {st['reps']} interleaved reps after {st['warmup']} warm-up per model and batch; "
         f"dense = same weights without ATS",
         "",

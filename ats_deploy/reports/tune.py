@@ -94,6 +94,7 @@ class TuneResult:
     ratio_high: float
     confidence: float
     checks: tuple[dict, ...]  # every schedule measured: k_schedule, predicted, ratio, low, high
+    sampler: str = "portable subgraph"  # how the ATS models ran their sampler (onnxruntime: op or subgraph)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -330,6 +331,7 @@ def tune_k(
     check_reps: int = 40,
     checks: int = 4,
     confidence: float = 0.95,
+    ort_ops: str | Path | None = None,
 ) -> TuneResult:
     """Propose per-block K on the latency steps of ``backend`` at ``batch``, then measure it against dense.
 
@@ -340,6 +342,8 @@ def tune_k(
     to the stack's time at full tokens, that counts as a new step (the noise estimate may raise it).
     ``check_reps`` rounds time each checked schedule against dense; at most ``checks`` schedules are
     measured; ``confidence`` is the level of the bootstrap interval that must lie at or below the target.
+    ``ort_ops`` (onnxruntime; default $ATS_ORT_OPS): the sampler op library; with it the ATS models are judged
+    as they run with it (one sampler op per block), which lowers the overhead every schedule pays.
     """
     if batch < 1:
         raise ConfigError(f"batch {batch} must be >= 1")
@@ -362,7 +366,7 @@ def tune_k(
     from ..exporters.export import preprocess_for
     from ..inputs import random_inputs
 
-    full, info = make_factory(backend, ckpt, opset=opset, threads=threads, fp16=fp16)
+    full, info = make_factory(backend, ckpt, opset=opset, threads=threads, fp16=fp16, ort_ops=ort_ops)
     stack = _stack_factory(backend, ckpt, opset=opset, threads=threads, fp16=fp16)
     x = random_inputs(batch, preprocess_for(cfg), seed=0)
     ns = _sweep_tokens(cfg, step, tokens)
@@ -516,6 +520,7 @@ def tune_k(
         ratio_high=check["high"],
         confidence=confidence,
         checks=tuple({k: v for k, v in c.items() if k not in ("ats", "dense")} for c in tried),
+        sampler=str(info["sampler"]),
     )
 
 
@@ -543,6 +548,7 @@ def format_tune(res: TuneResult) -> str:
     )
     lines = [
         head,
+        f"  sampler: {res.sampler}",
         f"  steps (largest token count per plateau): {list(res.step_ends)}",
         f"  sampler overhead {res.overhead_ms:+.3f} ms per stage (K = n_ref vs dense: {o_med:.3f}x "
         f"[{o_lo:.3f}, {o_hi:.3f}]); dense p20 {res.dense_sweep_ms:.3f} ms in the sweep",

@@ -210,3 +210,111 @@ def test_source_lookup_prefers_the_checkout_and_names_what_is_missing(tmp_path, 
         plugin_lib.source_dir("ats_sampler_ort", "ONNX Runtime op sources")
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("ONNX Runtime op sources not found") and "reinstall ats-deploy" in msg
+
+
+# -- the op in the measuring commands (make_factory: report, tune-k) ------------------------------------------
+def test_the_sampler_form_onnx_runtime_runs_follows_the_library_and_the_shape_mode(tiny_cfg):
+    from ats_deploy.model.config import ATSConfig, resolve_ats
+    from ats_deploy.reports.latency import ort_sampler_form
+
+    static, dynamic = resolve_ats(tiny_cfg, max_k="33"), resolve_ats(tiny_cfg, max_k="33", shape_mode="dynamic")
+    lib = "/some/libats_sampler_ort.so"
+    assert ort_sampler_form(static, lib) == "plugin"
+    assert ort_sampler_form(static, None) == "portable"
+    assert ort_sampler_form(dynamic, lib) == "portable"  # the op serves static mode only
+    assert ort_sampler_form(ATSConfig(), lib) == "portable"  # dense: no sampler at all
+
+
+def test_without_the_op_the_measuring_commands_run_the_portable_form(tiny_ckpt, tiny_inputs, monkeypatch):
+    from ats_deploy.model.config import resolve_ats
+    from ats_deploy.reports.latency import make_factory
+
+    monkeypatch.delenv("ATS_ORT_OPS", raising=False)
+    factory, info = make_factory("onnxruntime", tiny_ckpt)
+    assert info["sampler"] == "portable subgraph" and info["ort_ops"] is None
+    runner = factory(resolve_ats(tiny_ckpt.config, max_k="33"), len(tiny_inputs))
+    assert runner.custom_ops is None and "logits" in runner.infer({"pixels": tiny_inputs})
+
+
+def test_the_op_library_is_refused_for_another_backend_in_one_line(tiny_ckpt, tmp_path):
+    from ats_deploy.reports.latency import make_factory
+
+    with pytest.raises(ConfigError, match=r"^--ort-ops is for --backend onnxruntime .*drop it$"):
+        make_factory("torch", tiny_ckpt, ort_ops=tmp_path / "lib.so")
+
+
+def test_the_factory_runs_static_ats_with_the_op_and_keeps_the_portable_selection(
+    ort_op, tiny_ckpt, tiny_inputs, monkeypatch
+):
+    from ats_deploy.model.config import ATSConfig, resolve_ats
+    from ats_deploy.reports import latency
+    from ats_deploy.runtime.ort_runner import OrtRunner
+
+    monkeypatch.delenv("ATS_ORT_OPS", raising=False)
+    seen: list[bool] = []  # per runner built: does its graph hold the op's node?
+
+    class Watch(OrtRunner):
+        def __init__(self, model, **kw):
+            import onnx
+
+            proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+            seen.append(any(n.domain == "ats" for n in proto.graph.node))
+            super().__init__(model, **kw)
+
+    monkeypatch.setattr(latency, "OrtRunner", Watch)
+    cfg, b = tiny_ckpt.config, len(tiny_inputs)
+    with_op, info = latency.make_factory("onnxruntime", tiny_ckpt, ort_ops=ort_op)
+    portable, _ = latency.make_factory("onnxruntime", tiny_ckpt)
+    assert info["ort_ops"] == str(ort_op) and info["sampler"].startswith("one op per block")
+    for ats in (resolve_ats(cfg), resolve_ats(cfg, max_k="33")):
+        got = with_op(ats, b).infer({"pixels": tiny_inputs})
+        want = portable(ats, b).infer({"pixels": tiny_inputs})
+        assert seen[-2:] == [True, False], "static ATS with the op runs the plugin form, without it the portable"
+        for name in want:
+            if name == "logits":
+                np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+            else:
+                assert np.array_equal(got[name], want[name]), name
+    with_op(resolve_ats(cfg, max_k="33", shape_mode="dynamic"), b)
+    with_op(ATSConfig(), b)
+    assert seen[-2:] == [False, False]  # dynamic shapes and dense keep standard ops
+
+
+def test_report_and_tune_k_with_the_op_say_what_ran(ort_op, tiny_ckpt, tmp_path, monkeypatch):
+    from ats_deploy.exporters.export import export_model
+    from ats_deploy.exporters.onnx import GraphOptions
+    from ats_deploy.model.config import resolve_ats
+    from ats_deploy.reports.latency import report
+    from ats_deploy.reports.render import render_markdown
+    from ats_deploy.reports.tune import format_tune, tune_k
+
+    monkeypatch.delenv("ATS_ORT_OPS", raising=False)
+    fast = {"reps": 3, "warmup": 1, "progress": False}
+    out = tmp_path / "export"
+    export_model(tiny_ckpt, resolve_ats(tiny_ckpt.config, max_k="33"), out, opts=GraphOptions(sampler="plugin"),
+                 parity_count=2, source={"kind": "embedded", "seed": 7, "qk_gain": 1.5})
+    assert (out / "model.plugin.onnx").is_file()
+    rep = report(out, backend="onnxruntime", batches=(1,), out=tmp_path / "rep", images=4, plots=False,
+                 ort_ops=ort_op, **fast)
+    be = rep.data["backend"]
+    assert be["ort_ops"] == str(ort_op) and str(ort_op) in render_markdown(rep.data)
+    share = rep.data["latency"][0]["ats_node_share"]
+    assert 0 < share["overall"] < 1 and share["per_block"]  # the op's node is profiled under */ats/
+    assert rep.data["parity"]["passed"]
+    res = tune_k(tiny_ckpt, batch=1, step=16, stack_depth=1, check_reps=5, checks=1, ort_ops=ort_op, **fast)
+    assert res.sampler == be["sampler"] and f"sampler: {be['sampler']}" in format_tune(res)
+
+
+def test_tune_k_and_report_take_the_library_on_the_command_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ats_deploy.cli import app
+
+    monkeypatch.delenv("ATS_ORT_OPS", raising=False)
+    for args in (["tune-k", "--backend", "torch"], ["tune-k"]):
+        res = CliRunner().invoke(app, [*args, "--ort-ops", str(tmp_path / "missing.so")])
+        assert res.exit_code != 0 and res.output.count("\n") == 1, res.output
+        want = "--ort-ops is for --backend onnxruntime" if "torch" in args else "--ort-ops " + str(tmp_path)
+        assert res.output.startswith(f"error: {want}"), res.output
+    res = CliRunner().invoke(app, ["report", "--help"])
+    assert "--ort-ops" in res.output
