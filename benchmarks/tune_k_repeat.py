@@ -7,6 +7,9 @@ architecture presets with the project's deterministic initialisation (latency do
 weights' values, only K' in dynamic mode does, and tune-k proposes static schedules).
 
     python benchmarks/tune_k_repeat.py [--models deit_tiny_patch16_224,deit_small_patch16_224] [--batches 1,8]
+        [--ort-ops build/ats_ort/libats_sampler_ort.so]
+
+``--ort-ops`` (default $ATS_ORT_OPS) times the ATS models with the sampler as one ONNX Runtime op per block.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--check-reps", type=int, default=40)
+    ap.add_argument("--ort-ops", type=Path, help="libats_sampler_ort.so (default $ATS_ORT_OPS)")
     ap.add_argument("--json", type=Path, help="also write every run's result here")
     args = ap.parse_args()
 
@@ -43,7 +47,9 @@ def main() -> None:
             answers = []
             for run in range(args.runs):
                 t0 = time.perf_counter()
-                res = tune_k(ck, batch=b, reps=args.reps, check_reps=args.check_reps, progress=False)
+                res = tune_k(
+                    ck, batch=b, reps=args.reps, check_reps=args.check_reps, progress=False, ort_ops=args.ort_ops
+                )
                 secs = time.perf_counter() - t0
                 ans = tuple(res.k_schedule) if res.feasible else "not feasible"
                 answers.append(ans)
@@ -60,6 +66,7 @@ def main() -> None:
             top, times = Counter(answers).most_common(1)[0]
             print(f"{name} batch {b}: {times}/{args.runs} runs agree on {top if top == 'not feasible' else list(top)}")
     env = environment()
+    print("sampler:", rows[0]["sampler"] if rows else "-")
     print("env:", json.dumps(env))
     if args.json:
         args.json.write_text(json.dumps({"runs": rows, "env": env}, indent=1, default=str))
