@@ -598,7 +598,7 @@ def tune_k_cmd(
         _print_json(res.to_dict())
     else:
         typer.echo(format_tune(res))
-        with_op = res.sampler.startswith("one op")
+        with_op = res.ort_ops is not None
         if res.feasible:
             op = " --sampler plugin (then run model.plugin.onnx with $ATS_ORT_OPS set)" if with_op else ""
             typer.echo(f"use: ats-deploy export ... --max-k {','.join(map(str, res.k_schedule))}{op}")

@@ -29,10 +29,10 @@ def check_op(model, feeds, library) -> int:
     """Run the plugin-form ``model`` with every sampler node's inputs and outputs exposed; each node's picks must
     equal the float32 reference on its own inputs (exit otherwise). Returns the number of (node, image) rows."""
     import onnx
-    import onnxruntime as ort
     from onnx import helper
 
     from ats_deploy.model.reference import select_reference
+    from ats_deploy.runtime.ort_runner import OrtRunner
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -44,12 +44,10 @@ def check_op(model, feeds, library) -> int:
             if t not in names:
                 m.graph.output.append(helper.make_tensor_value_info(t, ty, None))
                 names.add(t)
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(str(library))
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    runner = OrtRunner(m.SerializeToString(), custom_ops=library)
     rows = 0
     for f in feeds:
-        out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, f)))
+        out = runner.infer(f)
         for n in nodes:
             attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
             want_idx, want_cnt = select_reference(out[n.input[0]], out[n.input[1]], k_max=attrs["k_max"],

@@ -698,7 +698,8 @@ def report(
         backend, ckpt, opset=opset, threads=threads, fp16=fp16, exported=exported, plugin_lib=plugin_lib,
         ort_ops=ort_ops,
     )
-    if backend == "onnxruntime" and ort_sampler_form(ats, info["ort_ops"]) == "portable":
+    ort_form = ort_sampler_form(ats, info.get("ort_ops"))  # how ONNX Runtime runs this export's ATS model
+    if backend == "onnxruntime" and ort_form == "portable":
         info["sampler"] = "portable subgraph"  # dynamic shapes: the op does not serve them
     dense = ATSConfig()
     rows: list[dict] = []
@@ -739,13 +740,11 @@ def report(
                         from ..exporters.onnx import GraphOptions, build_graph
 
                         advance(0, description=f"batch {b}: profiling")
-                        lib = info["ort_ops"]
-                        form = ort_sampler_form(ats, lib)
-                        opts = GraphOptions(batch=b, opset=opset, sampler=form)  # type: ignore[arg-type]
+                        opts = GraphOptions(batch=b, opset=opset, sampler=ort_form)  # type: ignore[arg-type]
                         proto = build_graph(cfg, ckpt.state_dict, ats, opts)
                         feeds = [{"pixels": c} for c in chunks]
                         share = ort_ats_share(proto.SerializeToString(), feeds, threads=threads,
-                                              custom_ops=lib if form == "plugin" else None)
+                                              custom_ops=info["ort_ops"] if ort_form == "plugin" else None)
                 info["precision"] = getattr(runners["ats"], "precision", info["precision"])
                 if b == bs[-1]:
                     advance(0, description="token statistics")

@@ -94,7 +94,8 @@ class TuneResult:
     ratio_high: float
     confidence: float
     checks: tuple[dict, ...]  # every schedule measured: k_schedule, predicted, ratio, low, high
-    sampler: str = "portable subgraph"  # how the ATS models ran their sampler (onnxruntime: op or subgraph)
+    sampler: str = "portable subgraph"  # how the ATS models ran their sampler, in words
+    ort_ops: str | None = None  # the ONNX Runtime op library the ATS models ran with (None: standard ops)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -521,6 +522,7 @@ def tune_k(
         confidence=confidence,
         checks=tuple({k: v for k, v in c.items() if k not in ("ats", "dense")} for c in tried),
         sampler=str(info["sampler"]),
+        ort_ops=info.get("ort_ops"),
     )
 
 

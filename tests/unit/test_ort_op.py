@@ -303,6 +303,7 @@ def test_report_and_tune_k_with_the_op_say_what_ran(ort_op, tiny_ckpt, tmp_path,
     assert rep.data["parity"]["passed"]
     res = tune_k(tiny_ckpt, batch=1, step=16, stack_depth=1, check_reps=5, checks=1, ort_ops=ort_op, **fast)
     assert res.sampler == be["sampler"] and f"sampler: {be['sampler']}" in format_tune(res)
+    assert res.ort_ops == str(ort_op)  # what the CLI decides its use: line on
 
 
 def test_tune_k_and_report_take_the_library_on_the_command_line(tmp_path, monkeypatch):
